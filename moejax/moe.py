@@ -1,0 +1,340 @@
+"""The MoE layer: an NNX module over the functional core, configured by a frozen, validated `MoEConfig`.
+
+y = sum_{i <= Ks} FFN_i(x) + sum_{i routed} g_{i,t} FFN_i(x)   (DeepSeekMoE eq. 9-11)
+
+Parameterisation (DeepSeekMoE sec. 3): `d_ff` is the width of a standard FFN; segmentation factor m
+makes every expert d_ff / m wide. `n_experts` routed experts and `top_k` routed picks are counted
+after segmentation. The Ks shared experts are computed together as one dense FFN of width Ks * d_ff / m.
+Presets build the papers' settings, e.g. `deepseekmoe(d, d_ff, n_experts=16, top_k=2, m=4,
+n_shared=1)` -> 63 routed experts of width d_ff / 4 with 7 picks, plus 1 shared.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax import balance, dispatch, experts, routing
+
+ROUTERS = ("topk", "gshard", "expert_choice", "hash")
+DISPATCHES = ("capacity", "dropless")
+
+
+def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"MoEConfig.{field}={value!r} is invalid; allowed: {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Everything the MoE layer needs; validated on construction (ValueError names field and value).
+
+    Routed experts: `n_experts` (E, 0 for a dense FFN), `top_k` (K). Expert width f = d_ff // segmentation.
+    Routing: `router` in ROUTERS; 'topk' uses `score_fn`, `normalize`, `routed_scale`, group limits
+    (`n_groups`, `topk_groups`, `group_score`) and the aux-free bias (`aux_free_bias`,
+    `bias_update_rate`). 'expert_choice' gives each expert C = T * top_k * capacity_factor / E tokens.
+    Dispatch: `dispatch` in DISPATCHES; 'capacity' uses `capacity_factor`, `batch_prioritized`.
+    Backend: 'auto' or a name in experts.BACKENDS; `block_size` rows per block for dropless buffers.
+    Losses (coefficients, >= 0): aux_loss_coef (a1), device_loss_coef (a2, over `n_devices` groups of
+    experts), seq_aux_loss_coef (DeepSeek-V3), z_loss_coef (ST-MoE).
+    """
+
+    d_model: int
+    d_ff: int
+    n_experts: int = 0
+    top_k: int = 0
+    n_shared: int = 0
+    segmentation: int = 1
+    activation: str = "swiglu"
+    router: str = "topk"
+    score_fn: str = "softmax"
+    normalize: bool = False
+    routed_scale: float = 1.0
+    n_groups: int = 1
+    topk_groups: int = 1
+    group_score: str = "top2_sum"
+    aux_free_bias: bool = False
+    bias_update_rate: float = 1e-3
+    jitter: float = 0.0
+    hash_salt: int = 0
+    dispatch: str = "dropless"
+    capacity_factor: float = 1.25
+    batch_prioritized: bool = False
+    backend: str = "auto"
+    block_size: int = 128
+    aux_loss_coef: float = 0.0
+    device_loss_coef: float = 0.0
+    n_devices: int = 1
+    seq_aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+
+    def __post_init__(self):
+        _require(self.d_model >= 1, "d_model", self.d_model, "an integer >= 1")
+        _require(self.segmentation >= 1, "segmentation", self.segmentation, "an integer >= 1")
+        _require(self.d_ff >= 1 and self.d_ff % self.segmentation == 0, "d_ff", self.d_ff,
+                 f"a positive multiple of segmentation={self.segmentation}")
+        _require(self.n_experts >= 0, "n_experts", self.n_experts, "an integer >= 0 (0 = dense FFN)")
+        _require(self.n_shared >= 0, "n_shared", self.n_shared, "an integer >= 0")
+        if self.n_experts == 0:
+            _require(self.top_k == 0, "top_k", self.top_k, "0 when n_experts=0 (dense)")
+            _require(self.n_shared >= 1, "n_shared", self.n_shared, ">= 1 when n_experts=0 (dense)")
+        else:
+            _require(1 <= self.top_k <= self.n_experts, "top_k", self.top_k,
+                     f"1 <= top_k <= n_experts={self.n_experts}")
+        _require(self.activation in experts.ACTIVATIONS, "activation", self.activation, str(experts.ACTIVATIONS))
+        _require(self.router in ROUTERS, "router", self.router, str(ROUTERS))
+        _require(self.score_fn in routing.SCORE_FNS, "score_fn", self.score_fn, str(routing.SCORE_FNS))
+        _require(self.group_score in routing.GROUP_SCORES, "group_score", self.group_score,
+                 str(routing.GROUP_SCORES))
+        _require(self.dispatch in DISPATCHES, "dispatch", self.dispatch, str(DISPATCHES))
+        backends = ("auto",) + tuple(experts.BACKENDS)
+        _require(self.backend in backends, "backend", self.backend, str(backends))
+        _require(self.block_size >= 1, "block_size", self.block_size, "an integer >= 1")
+        if self.router == "gshard":
+            _require(self.top_k == 2, "top_k", self.top_k, "2 for router='gshard'")
+        if self.router == "expert_choice":
+            _require(self.dispatch == "capacity", "dispatch", self.dispatch,
+                     "'capacity' for router='expert_choice' (every expert takes exactly C tokens)")
+        if self.dispatch == "capacity" or self.router == "expert_choice":
+            _require(self.capacity_factor > 0, "capacity_factor", self.capacity_factor, "> 0 with capacity dispatch")
+        if self.dispatch == "dropless":
+            _require(self.backend != "einsum", "backend", self.backend,
+                     "'auto', 'blocked' or 'ragged_dot' with dispatch='dropless' ('einsum' needs capacity)")
+        _require(self.n_groups >= 1 and (self.n_experts or 1) % self.n_groups == 0, "n_groups", self.n_groups,
+                 f"a divisor of n_experts={self.n_experts}")
+        _require(1 <= self.topk_groups <= self.n_groups, "topk_groups", self.topk_groups,
+                 f"1 <= topk_groups <= n_groups={self.n_groups}")
+        if self.n_groups > 1:
+            _require(self.router == "topk", "n_groups", self.n_groups, "1 unless router='topk'")
+            kept = self.topk_groups * (self.n_experts // self.n_groups)
+            _require(kept >= self.top_k, "topk_groups", self.topk_groups,
+                     f"enough groups to hold top_k={self.top_k} experts (kept groups hold {kept})")
+        if self.aux_free_bias:
+            _require(self.router == "topk", "aux_free_bias", self.aux_free_bias, "False unless router='topk'")
+        _require(self.n_devices >= 1 and (self.n_experts or 1) % self.n_devices == 0, "n_devices", self.n_devices,
+                 f"a divisor of n_experts={self.n_experts}")
+        for name in ("aux_loss_coef", "device_loss_coef", "seq_aux_loss_coef", "z_loss_coef",
+                     "bias_update_rate", "routed_scale"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        _require(0 <= self.jitter < 1, "jitter", self.jitter, "0 <= jitter < 1")
+
+    @property
+    def expert_width(self) -> int:
+        """f: hidden width of one (fine-grained) expert."""
+        return self.d_ff // self.segmentation
+
+
+def dense(d_model: int, d_ff: int, **kw) -> MoEConfig:
+    """A standard FFN (no routing): the 'Dense' baseline of DeepSeekMoE Table 1."""
+    return MoEConfig(d_model, d_ff, **{"n_shared": 1, **kw})
+
+
+def hash_layer(d_model: int, d_ff: int, n_experts: int = 16, top_k: int = 1, **kw) -> MoEConfig:
+    """Hash layers (Roller et al. 2021): top-1 by a fixed hash of the token id; no learned router."""
+    return MoEConfig(d_model, d_ff, n_experts, top_k, **{"router": "hash", **kw})
+
+
+def switch(d_model: int, d_ff: int, n_experts: int = 16, **kw) -> MoEConfig:
+    """Switch Transformer (Fedus et al. 2021): softmax top-1, gate p_i unnormalised, capacity 1.25,
+    aux loss 0.01, multiplicative router jitter 0.01."""
+    base = dict(dispatch="capacity", capacity_factor=1.25, aux_loss_coef=0.01, jitter=0.01)
+    return MoEConfig(d_model, d_ff, n_experts, 1, **{**base, **kw})
+
+
+def gshard(d_model: int, d_ff: int, n_experts: int = 16, **kw) -> MoEConfig:
+    """GShard (Lepikhin et al. 2020): top-2 with normalised gates and the random second-expert policy,
+    expert capacity 2T/E (capacity_factor 1 over T K / E), aux loss 0.01."""
+    base = dict(router="gshard", dispatch="capacity", capacity_factor=1.0, aux_loss_coef=0.01)
+    return MoEConfig(d_model, d_ff, n_experts, 2, **{**base, **kw})
+
+
+def deepseekmoe(d_model: int, d_ff: int, n_experts: int = 16, top_k: int = 2, m: int = 4, n_shared: int = 1,
+                **kw) -> MoEConfig:
+    """DeepSeekMoE (Dai et al. 2024, sec. 3): from a GShard-like layer of N experts with K picks,
+    segment each expert into m (width d_ff/m), isolate Ks of the mN as shared: mN - Ks routed experts
+    with mK - Ks picks. Softmax gates without renormalisation, aux loss a1 = 0.01, dropless."""
+    base = dict(segmentation=m, n_shared=n_shared, aux_loss_coef=0.01, dispatch="dropless")
+    return MoEConfig(d_model, d_ff, m * n_experts - n_shared, m * top_k - n_shared, **{**base, **kw})
+
+
+def deepseek_v3(d_model: int, d_ff: int, n_experts: int = 256, top_k: int = 8, n_shared: int = 1,
+                n_groups: int = 8, topk_groups: int = 4, **kw) -> MoEConfig:
+    """DeepSeek-V3 (2024, sec. 2.1): sigmoid scores normalised over the K picks, routed scale 2.5,
+    node-limited routing (8 groups, keep 4), aux-loss-free bias (u = 0.001), sequence-wise loss 1e-4."""
+    base = dict(n_shared=n_shared, score_fn="sigmoid", normalize=True, routed_scale=2.5, n_groups=n_groups,
+                topk_groups=topk_groups, aux_free_bias=True, seq_aux_loss_coef=1e-4)
+    return MoEConfig(d_model, d_ff, n_experts, top_k, **{**base, **kw})
+
+
+def mixtral(d_model: int, d_ff: int, n_experts: int = 8, top_k: int = 2, **kw) -> MoEConfig:
+    """Mixtral (Jiang et al. 2024): softmax top-2 renormalised over the picks, dropless."""
+    return MoEConfig(d_model, d_ff, n_experts, top_k, **{"normalize": True, "aux_loss_coef": 0.01, **kw})
+
+
+def olmoe(d_model: int, d_ff: int, n_experts: int = 64, top_k: int = 8, **kw) -> MoEConfig:
+    """OLMoE (Muennighoff et al. 2024): 64 experts top-8, softmax gates not renormalised,
+    aux loss 0.01, router z-loss 0.001, no shared expert, dropless."""
+    return MoEConfig(d_model, d_ff, n_experts, top_k, **{"aux_loss_coef": 0.01, "z_loss_coef": 1e-3, **kw})
+
+
+def expert_choice(d_model: int, d_ff: int, n_experts: int = 16, top_k: int = 2, **kw) -> MoEConfig:
+    """Expert choice (Zhou et al. 2022): each expert takes its top C = T * top_k * capacity_factor / E
+    tokens (compute of top-K token choice at capacity 1)."""
+    base = dict(router="expert_choice", dispatch="capacity", capacity_factor=1.0)
+    return MoEConfig(d_model, d_ff, n_experts, top_k, **{**base, **kw})
+
+
+PRESETS = {
+    "dense": dense, "hash": hash_layer, "switch": switch, "gshard": gshard, "deepseekmoe": deepseekmoe,
+    "deepseek_v3": deepseek_v3, "mixtral": mixtral, "olmoe": olmoe, "expert_choice": expert_choice,
+}
+
+
+def preset(name: str, d_model: int, d_ff: int, **kw) -> MoEConfig:
+    """A named preset (see PRESETS) with keyword overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r}; allowed: {tuple(PRESETS)}")
+    return PRESETS[name](d_model, d_ff, **kw)
+
+
+class RouterBias(nnx.Variable):
+    """Aux-loss-free balancing bias [E]: layer state updated outside the gradient, never a Param."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MoEStats:
+    """Losses (already weighted) and load metrics of one MoE layer, float32 scalars unless noted.
+
+    loss = aux + device + seq + z. load: [E] assignment counts chosen by the router (before drops).
+    """
+
+    loss: jax.Array
+    aux_loss: jax.Array
+    device_loss: jax.Array
+    seq_loss: jax.Array
+    z_loss: jax.Array
+    load: jax.Array
+    max_vio: jax.Array
+    dropped: jax.Array
+    entropy: jax.Array
+
+
+def _expert_init(shape, rngs, fan_in_axis, param_dtype):
+    init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=fan_in_axis,
+                                                out_axis=-1, batch_axis=(0,) if len(shape) == 3 else ())
+    return nnx.Param(init(rngs.params(), shape, param_dtype))
+
+
+def _ffn_params(d_model, width, n, activation, rngs, param_dtype) -> nnx.Dict:
+    """FFN weights; n experts stacked on a leading axis, or one dense FFN when n is None."""
+    lead = () if n is None else (n,)
+    names = ("w_up", "w_gate") if activation == "swiglu" else ("w_up",)
+    p = {name: _expert_init(lead + (d_model, width), rngs, -2, param_dtype) for name in names}
+    p["w_down"] = _expert_init(lead + (width, d_model), rngs, -2, param_dtype)
+    return nnx.Dict(p)
+
+
+class MoE(nnx.Module):
+    """MoE FFN layer. __call__(x [B, S, d], token_ids [B, S] (hash router), key (train randomness))
+    -> (y [B, S, d], MoEStats). Router math in float32; expert matmuls in x's dtype."""
+
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        c = self.config = config
+        f = c.expert_width
+        if c.n_shared:
+            self.shared = _ffn_params(c.d_model, c.n_shared * f, None, c.activation, rngs, param_dtype)
+        if c.n_experts:
+            if c.router != "hash":
+                self.router = _expert_init((c.d_model, c.n_experts), rngs, -2, jnp.float32)
+            self.experts = _ffn_params(c.d_model, f, c.n_experts, c.activation, rngs, param_dtype)
+            if c.aux_free_bias:
+                self.bias = RouterBias(jnp.zeros((c.n_experts,), jnp.float32))
+
+    def update_bias(self, load: jax.Array) -> None:
+        """Aux-loss-free bias step from this layer's `MoEStats.load` (call after the optimizer step)."""
+        self.bias.value = routing.update_bias(self.bias.value, load, self.config.bias_update_rate)
+
+    def __call__(self, x: jax.Array, *, token_ids: jax.Array | None = None, key: jax.Array | None = None):
+        c = self.config
+        B, S, d = x.shape
+        xt = x.reshape(B * S, d)  # [T, d]
+        y = experts.ffn(xt, self.shared, c.activation) if c.n_shared else jnp.zeros_like(xt)
+        if not c.n_experts:
+            zero = jnp.zeros((), jnp.float32)
+            return y.reshape(B, S, d), MoEStats(zero, zero, zero, zero, zero, jnp.zeros((0,)), zero, zero, zero)
+        routed, stats = self._routed(xt, token_ids, key, B)
+        return (y + routed).reshape(B, S, d), stats
+
+    def _routed(self, xt, token_ids, key, B):
+        c = self.config
+        T = xt.shape[0]
+        k_jit, k_route = jax.random.split(key) if key is not None else (None, None)
+        params = dict(self.experts)
+        if c.router == "hash":
+            if token_ids is None:
+                raise ValueError("router='hash' needs token_ids [B, S] in MoE.__call__")
+            r = routing.hash_routing(token_ids.reshape(-1), c.n_experts, c.top_k, c.hash_salt)
+        else:
+            xr = routing.jitter(xt, k_jit, c.jitter) if (key is not None and c.jitter > 0) else xt
+            logits = xr.astype(jnp.float32) @ self.router.value.astype(jnp.float32)  # [T, E]
+            if c.router == "expert_choice":
+                return self._expert_choice(xt, logits, params)
+            if c.router == "gshard":
+                r = routing.gshard_top2(logits, k_route)
+            else:
+                r = routing.topk(logits, c.top_k, score_fn=c.score_fn, normalize=c.normalize,
+                                 scale=c.routed_scale, bias=self.bias.value if c.aux_free_bias else None,
+                                 n_groups=c.n_groups, topk_groups=c.topk_groups, group_score=c.group_score)
+        if c.dispatch == "capacity":
+            C = dispatch.capacity(T, c.top_k, c.n_experts, c.capacity_factor)
+            prio = jnp.max(r.weights, axis=-1) if c.batch_prioritized else None
+            plan = dispatch.capacity_plan(r.expert_ids, r.mask, c.n_experts, C, prio)
+        else:
+            plan = dispatch.dropless_plan(r.expert_ids, r.mask, c.n_experts, self._block())
+        backend = self._backend(plan.layout.per_expert)
+        rows = dispatch.dispatch(xt, plan)  # [M, d]
+        out = dispatch.combine(experts.grouped_ffn(rows, params, plan.layout, c.activation, backend), r.weights, plan)
+        return out, self._stats(r, B, dispatch.dropped_fraction(plan, r.mask))
+
+    def _block(self) -> int:
+        """Rows per block of a dropless buffer: block_size for 'blocked', 1 (no padding) otherwise."""
+        return self.config.block_size if self._backend(per_expert=False) == "blocked" else 1
+
+    def _backend(self, per_expert: bool) -> str:
+        b = self.config.backend
+        return experts.default_backend(per_expert) if b == "auto" else b
+
+    def _expert_choice(self, xt, logits, params):
+        c = self.config
+        T = xt.shape[0]
+        C = min(T, dispatch.capacity(T, c.top_k, c.n_experts, c.capacity_factor))
+        ec = routing.expert_choice(logits, C)
+        layout = dispatch.expert_choice_layout(c.n_experts, C)
+        rows = dispatch.dispatch_expert_choice(xt, ec.token_ids)
+        ys = experts.grouped_ffn(rows, params, layout, c.activation, self._backend(True))
+        out = dispatch.combine_expert_choice(ys, ec.weights, ec.token_ids, T)
+        chosen = jnp.zeros((T,), bool).at[ec.token_ids.reshape(-1)].set(True)
+        zero = jnp.zeros((), jnp.float32)
+        load = jnp.full((c.n_experts,), float(C), jnp.float32)
+        zl = balance.z_loss(logits)
+        return out, MoEStats(c.z_loss_coef * zl, zero, zero, zero, c.z_loss_coef * zl, load,
+                             balance.max_violation(load), 1.0 - chosen.mean(), balance.router_entropy(ec.probs))
+
+    def _stats(self, r: routing.Routing, B: int, dropped: jax.Array) -> MoEStats:
+        c = self.config
+        T, E = r.probs.shape
+        aux = c.aux_loss_coef * balance.expert_balance_loss(r.probs, r.expert_ids, r.mask) if c.aux_loss_coef else 0.0
+        dev = (c.device_loss_coef * balance.device_balance_loss(r.probs, r.expert_ids, c.n_devices, r.mask)
+               if c.device_loss_coef else 0.0)
+        seq = (c.seq_aux_loss_coef * balance.sequence_balance_loss(
+            r.probs.reshape(B, T // B, E), r.expert_ids.reshape(B, T // B, -1), r.mask.reshape(B, T // B, -1))
+            if c.seq_aux_loss_coef else 0.0)
+        z = c.z_loss_coef * balance.z_loss(r.logits) if c.z_loss_coef else 0.0
+        load = balance.expert_counts(r.expert_ids, E, r.mask)
+        f32 = lambda v: jnp.asarray(v, jnp.float32)
+        return MoEStats(f32(aux + dev + seq + z), f32(aux), f32(dev), f32(seq), f32(z), load,
+                        balance.max_violation(load), f32(dropped), balance.router_entropy(r.probs))

@@ -1,0 +1,25 @@
+"""moejax: Mixture-of-Experts language models in JAX/Flax NNX."""
+import setuptools
+
+JAX_VERSION = "0.10.2"  # newest on the registry this project is developed against; 0.11 also runs.
+
+setuptools.setup(
+    name="moejax",
+    version="0.1.0",
+    description="Mixture-of-Experts language models in JAX/Flax: GShard to DeepSeekMoE and DeepSeek-V3.",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["moejax", "moejax.*", "pallas_kernels", "pallas_kernels.*"]),
+    install_requires=[
+        f"jax>={JAX_VERSION}",
+        "flax>=0.12",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5"],
+        # libtpu must match jax exactly: the tpu extra pins jax itself.
+        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+        "cuda": [f"jax[cuda12]>={JAX_VERSION}"],
+    },
+)

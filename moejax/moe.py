@@ -120,6 +120,7 @@ class MoEConfig:
                      "bias_update_rate", "routed_scale"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
         _require(0 <= self.jitter < 1, "jitter", self.jitter, "0 <= jitter < 1")
+        _require(0 <= self.hash_salt < 2**32, "hash_salt", self.hash_salt, "an integer in [0, 2**32)")
 
     @property
     def expert_width(self) -> int:

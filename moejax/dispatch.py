@@ -148,6 +148,15 @@ def _take(x, idx):
     return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
 
 
+def _gather_sum(y: jax.Array, slot: jax.Array, w: jax.Array | None = None) -> jax.Array:
+    """sum_k w[k, t] * y[slot[k, t]] in float32, as K fused gathers (never a [K, T, d] tensor)."""
+    out = 0.0
+    for k in range(slot.shape[0]):  # K is small and static
+        yk = _take(y, slot[k]).astype(jnp.float32)
+        out = out + (yk if w is None else yk * w[k][:, None])
+    return out
+
+
 @jax.custom_vjp
 def dispatch(x: jax.Array, plan: Plan) -> jax.Array:
     """Buffer rows [M, d]: row r holds x[row_token[r]] (0 for empty rows). x: [T, d]."""
@@ -159,7 +168,7 @@ def _dispatch_fwd(x, plan):
 
 
 def _dispatch_bwd(plan, g):  # dx[t] = sum_k g[slot[k, t]]
-    return _take(g, plan.slot).sum(0), None
+    return _gather_sum(g, plan.slot).astype(g.dtype), None
 
 
 dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
@@ -171,9 +180,7 @@ def combine(y: jax.Array, weights: jax.Array, plan: Plan) -> jax.Array:
 
     Gate weights multiply expert outputs, so the router gets gradients (GShard eq. 1; DeepSeekMoE eq. 3).
     """
-    w = weights.T.astype(jnp.float32)  # [K, T]
-    out = jnp.einsum("ktd,kt->td", _take(y, plan.slot), w, preferred_element_type=jnp.float32)
-    return out.astype(y.dtype)
+    return _gather_sum(y, plan.slot, weights.T.astype(jnp.float32)).astype(y.dtype)
 
 
 def _combine_fwd(y, weights, plan):
@@ -186,7 +193,8 @@ def _combine_bwd(res, g):
     flat = jnp.concatenate([weights.T.reshape(-1).astype(jnp.float32), jnp.zeros((1,), jnp.float32)])
     row_w = flat[jnp.where(plan.row_token < T, plan.row_k * T + plan.row_token, T * K)]  # [M]
     dy = (_take(g, plan.row_token).astype(jnp.float32) * row_w[:, None]).astype(y.dtype)
-    dw = jnp.einsum("ktd,td->tk", _take(y, plan.slot), g, preferred_element_type=jnp.float32)
+    g32 = g.astype(jnp.float32)
+    dw = jnp.stack([jnp.sum(_take(y, plan.slot[k]).astype(jnp.float32) * g32, -1) for k in range(K)], 1)
     return dy, dw.astype(weights.dtype), None
 
 

@@ -1,7 +1,9 @@
 """Expert feed-forward networks: dense FFNs and grouped (per-expert) FFNs over a dispatch buffer.
 
 Activations: 'swiglu' (Shazeer 2020: silu(x W_gate) * (x W_up) W_down, the default) and 'gelu'
-(gelu(x W_up) W_down). Expert weights: w_up [E, d, f], w_gate [E, d, f] (swiglu only), w_down [E, f, d].
+(gelu(x W_up) W_down). Expert weights: w_in [E, d, n, f] holding W_gate, W_up (n = 2, swiglu) or W_up
+(n = 1, gelu), multiplied as one [d, n f] matrix (one wide matmul beats two narrow ones); w_down [E, f, d].
+Dense FFN weights are the same without the leading E axis.
 
 Grouped-matmul backends (`BACKENDS`) compute rows [M, d] x w[expert of row] for a dispatch `Layout`:
 - 'einsum':     per-expert batched einsum over an [E, C, d] buffer; needs a per-expert layout
@@ -66,26 +68,34 @@ def default_backend(per_expert: bool, platform: str | None = None) -> str:
     return "ragged_dot" if platform == "tpu" else "blocked"
 
 
-def _hidden(x, w_up, w_gate, activation, matmul):
+def n_in(activation: str) -> int:
+    """Input projections per FFN: 2 (gate, up) for swiglu, 1 (up) for gelu."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r}; allowed: {ACTIVATIONS}")
+    return 2 if activation == "swiglu" else 1
+
+
+def _act(h: jax.Array, activation: str) -> jax.Array:
+    """[..., n f] input projections -> [..., f] hidden activations."""
     if activation == "swiglu":
-        return jax.nn.silu(matmul(x, w_gate)) * matmul(x, w_up)
-    if activation == "gelu":
-        return jax.nn.gelu(matmul(x, w_up))
-    raise ValueError(f"activation={activation!r}; allowed: {ACTIVATIONS}")
+        gate, up = jnp.split(h, 2, axis=-1)
+        return jax.nn.silu(gate) * up
+    return jax.nn.gelu(h)
 
 
 def ffn(x: jax.Array, params: dict, activation: str = "swiglu") -> jax.Array:
-    """Dense FFN. x: [..., d]; params w_up [d, f], w_gate [d, f] (swiglu), w_down [f, d]."""
-    mm = lambda a, w: a @ w.astype(a.dtype)
-    return mm(_hidden(x, params["w_up"], params.get("w_gate"), activation, mm), params["w_down"])
+    """Dense FFN. x: [..., d]; params w_in [d, n, f], w_down [f, d]."""
+    w_in = params["w_in"].reshape(params["w_in"].shape[0], -1).astype(x.dtype)  # [d, n f]
+    return _act(x @ w_in, activation) @ params["w_down"].astype(x.dtype)
 
 
 def grouped_ffn(
     rows: jax.Array, params: dict, layout: Layout, activation: str = "swiglu", backend: str = "einsum"
 ) -> jax.Array:
-    """Per-expert FFN over a dispatch buffer. rows: [M, d] -> [M, d]; params hold [E, ., .] weights.
-    Empty (zero) padding rows map to zero, as neither activation has a bias."""
+    """Per-expert FFN over a dispatch buffer. rows: [M, d] -> [M, d]; params w_in [E, d, n, f],
+    w_down [E, f, d]. Empty (zero) padding rows map to zero, as neither activation has a bias."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; allowed: {tuple(BACKENDS)}")
-    mm = lambda a, w: BACKENDS[backend](a, w, layout)
-    return mm(_hidden(rows, params["w_up"], params.get("w_gate"), activation, mm), params["w_down"])
+    mm = BACKENDS[backend]
+    w_in = params["w_in"].reshape(*params["w_in"].shape[:2], -1)  # [E, d, n f]
+    return mm(_act(mm(rows, w_in, layout), activation), params["w_down"], layout)

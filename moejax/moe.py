@@ -112,6 +112,10 @@ class MoEConfig:
             kept = self.topk_groups * (self.n_experts // self.n_groups)
             _require(kept >= self.top_k, "topk_groups", self.topk_groups,
                      f"enough groups to hold top_k={self.top_k} experts (kept groups hold {kept})")
+        if self.router != "topk":  # only the top-K router reads these; others fix them (see routing.py)
+            _require(self.score_fn == "softmax", "score_fn", self.score_fn, "'softmax' unless router='topk'")
+            _require(not self.normalize, "normalize", self.normalize, "False unless router='topk'")
+            _require(self.routed_scale == 1.0, "routed_scale", self.routed_scale, "1.0 unless router='topk'")
         if self.aux_free_bias:
             _require(self.router == "topk", "aux_free_bias", self.aux_free_bias, "False unless router='topk'")
         _require(self.n_devices >= 1 and (self.n_experts or 1) % self.n_devices == 0, "n_devices", self.n_devices,
@@ -224,19 +228,22 @@ class MoEStats:
     entropy: jax.Array
 
 
-def _expert_init(shape, rngs, fan_in_axis, param_dtype):
+def _param(rngs, shape, fan_in_axis, batch_axis, dtype) -> nnx.Param:
+    """Truncated normal with variance 1 / fan_in (fan_in = shape[fan_in_axis], per expert)."""
+    out_axis = tuple(i for i in range(len(shape)) if i != fan_in_axis and i not in batch_axis)
     init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=fan_in_axis,
-                                                out_axis=-1, batch_axis=(0,) if len(shape) == 3 else ())
-    return nnx.Param(init(rngs.params(), shape, param_dtype))
+                                                out_axis=out_axis, batch_axis=batch_axis)
+    return nnx.Param(init(rngs.params(), shape, dtype))
 
 
 def _ffn_params(d_model, width, n, activation, rngs, param_dtype) -> nnx.Dict:
-    """FFN weights; n experts stacked on a leading axis, or one dense FFN when n is None."""
+    """FFN weights w_in [(n,) d, n_in, f] and w_down [(n,) f, d]: n stacked experts, or dense if n is None."""
     lead = () if n is None else (n,)
-    names = ("w_up", "w_gate") if activation == "swiglu" else ("w_up",)
-    p = {name: _expert_init(lead + (d_model, width), rngs, -2, param_dtype) for name in names}
-    p["w_down"] = _expert_init(lead + (width, d_model), rngs, -2, param_dtype)
-    return nnx.Dict(p)
+    batch = tuple(range(len(lead)))
+    return nnx.Dict(
+        w_in=_param(rngs, lead + (d_model, experts.n_in(activation), width), len(lead), batch, param_dtype),
+        w_down=_param(rngs, lead + (width, d_model), len(lead), batch, param_dtype),
+    )
 
 
 class MoE(nnx.Module):
@@ -250,14 +257,14 @@ class MoE(nnx.Module):
             self.shared = _ffn_params(c.d_model, c.n_shared * f, None, c.activation, rngs, param_dtype)
         if c.n_experts:
             if c.router != "hash":
-                self.router = _expert_init((c.d_model, c.n_experts), rngs, -2, jnp.float32)
+                self.router = _param(rngs, (c.d_model, c.n_experts), 0, (), jnp.float32)
             self.experts = _ffn_params(c.d_model, f, c.n_experts, c.activation, rngs, param_dtype)
             if c.aux_free_bias:
                 self.bias = RouterBias(jnp.zeros((c.n_experts,), jnp.float32))
 
     def update_bias(self, load: jax.Array) -> None:
         """Aux-loss-free bias step from this layer's `MoEStats.load` (call after the optimizer step)."""
-        self.bias.value = routing.update_bias(self.bias.value, load, self.config.bias_update_rate)
+        self.bias[...] = routing.update_bias(self.bias[...], load, self.config.bias_update_rate)
 
     def __call__(self, x: jax.Array, *, token_ids: jax.Array | None = None, key: jax.Array | None = None):
         c = self.config
@@ -281,14 +288,14 @@ class MoE(nnx.Module):
             r = routing.hash_routing(token_ids.reshape(-1), c.n_experts, c.top_k, c.hash_salt)
         else:
             xr = routing.jitter(xt, k_jit, c.jitter) if (key is not None and c.jitter > 0) else xt
-            logits = xr.astype(jnp.float32) @ self.router.value.astype(jnp.float32)  # [T, E]
+            logits = xr.astype(jnp.float32) @ self.router[...].astype(jnp.float32)  # [T, E]
             if c.router == "expert_choice":
                 return self._expert_choice(xt, logits, params)
             if c.router == "gshard":
                 r = routing.gshard_top2(logits, k_route)
             else:
                 r = routing.topk(logits, c.top_k, score_fn=c.score_fn, normalize=c.normalize,
-                                 scale=c.routed_scale, bias=self.bias.value if c.aux_free_bias else None,
+                                 scale=c.routed_scale, bias=self.bias[...] if c.aux_free_bias else None,
                                  n_groups=c.n_groups, topk_groups=c.topk_groups, group_score=c.group_score)
         if c.dispatch == "capacity":
             C = dispatch.capacity(T, c.top_k, c.n_experts, c.capacity_factor)

@@ -1,0 +1,256 @@
+"""MoE layer speed and memory against a dense SwiGLU FFN of the same active width (K * f).
+
+Run:  python3 -m experiments.benchmarks.moe_layer [--json FILE] [--quick]
+
+For each shape, dispatch mode and expert backend this times one jitted forward + backward step of
+`moejax.moe.MoE` (loss = sum(y * ct) + stats.loss, gradients w.r.t. x and every parameter, functional
+split/merge) and divides it by the same step of a dense SwiGLU FFN of width K * f (`moe.dense`) on the
+same tokens. The machine may be shared, so each row's runs alternate call by call with dense runs, and
+the ratio is median(row) / median(those dense runs); each step is compiled once, then warmed up once.
+The JSON rows also hold process CPU time (user + sys, all threads) and its ratio, which load from other
+processes disturbs less than wall time (but which hides differences in parallelism).
+Rows take the median of `--repeats` runs; 'ragged_dot' (whose CPU lowering multiplies every row by
+every expert) gets 1 warm-up + 1 timed run. Memory is XLA's compiled temp allocation
+(`memory_analysis().temp_size_in_bytes`) of the same step at T and at 4 T tokens (compiled, never
+run). A step whose temp memory exceeds --max-run-gib (default: half of MemAvailable) is not run.
+
+Shapes (float32):
+  a  OLMoE-like fine-grained: T = 4096 (B=4, S=1024), d=512, E=64, K=8, f=128 (active width 1024).
+  b  Mixtral-like:            T = 4096 (B=4, S=1024), d=512, E=8,  K=2, f=512 (active width 1024),
+                              gates renormalised over the K picks.
+Routers are softmax top-K with all loss coefficients 0, so timings are of dispatch + experts + combine.
+Expected (2-core CPU, 24 GB, JAX 0.10.2): dense ~130 ms at T=4096; full run ~4 min (shape a's ragged_dot
+rows need ~16 GiB temp and are compiled only), --quick < 60 s.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax import moe
+
+MiB = 2.0 ** 20
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    B: int
+    S: int
+    d: int
+    E: int
+    K: int
+    f: int
+    normalize: bool = False
+
+    @property
+    def T(self) -> int:
+        return self.B * self.S
+
+
+FULL_SHAPES = (
+    Shape("a: E64 K8 f128", B=4, S=1024, d=512, E=64, K=8, f=128),
+    Shape("b: E8 K2 f512", B=4, S=1024, d=512, E=8, K=2, f=512, normalize=True),
+)
+QUICK_SHAPES = (
+    Shape("a: E16 K4 f32 (quick)", B=2, S=128, d=64, E=16, K=4, f=32),
+    Shape("b: E4 K2 f64 (quick)", B=2, S=128, d=64, E=4, K=2, f=64, normalize=True),
+)
+
+
+def variants(quick: bool) -> list[tuple[str, str, dict]]:
+    """(dispatch, backend, extra MoEConfig fields) for every benchmarked combination; --quick keeps one
+    capacity factor and one block size (every backend and dispatch path still runs)."""
+    out = []
+    for backend in ("einsum", "blocked", "ragged_dot"):
+        for cf in ((1.25,) if quick else (1.0, 1.25)):
+            out.append(("capacity", backend, dict(capacity_factor=cf)))
+    for block in ((16,) if quick else (64, 128, 256)):
+        out.append(("dropless", "blocked", dict(block_size=block)))
+    out.append(("dropless", "ragged_dot", {}))
+    return out
+
+
+def make_step(config: moe.MoEConfig, seed: int = 0):
+    """(jitted value_and_grad step(params, x, ct), params): the functional split/merge train-step style."""
+    graphdef, params = nnx.split(moe.MoE(config, rngs=nnx.Rngs(seed)))
+
+    def loss(params, x, ct):
+        y, stats = nnx.merge(graphdef, params)(x)
+        return jnp.sum(y * ct) + stats.loss
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params
+
+
+def inputs(shape: Shape):
+    T = shape.T
+    kx, kc = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (shape.B, T // shape.B, shape.d), jnp.float32)
+    ct = jax.random.normal(kc, x.shape, jnp.float32) / shape.d ** 0.5
+    return x, ct
+
+
+def compile_step(step, params, shape: Shape, T: int):
+    """Compiled executable of the step at T tokens (inputs given as shape specs, nothing runs)."""
+    spec = jax.ShapeDtypeStruct((shape.B, T // shape.B, shape.d), jnp.float32)
+    return step.lower(params, spec, spec).compile()
+
+
+def temp_mib(compiled) -> float:
+    ma = compiled.memory_analysis()
+    return ma.temp_size_in_bytes / MiB if ma is not None else float("nan")
+
+
+def _once(fn, *args) -> tuple[float, float]:
+    """(wall ms, process CPU ms: user + sys over all threads) of one call."""
+    c0, t0 = time.process_time(), time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
+
+
+def time_paired(fn, baseline, args, base_args, repeats: int):
+    """(wall, cpu) ms lists of fn and of the dense baseline, alternating call by call after one warm-up
+    of each, so that load from other processes on a shared machine hits both sides of the ratio alike."""
+    _once(fn, *args), _once(baseline, *base_args)
+    ts, bs = [], []
+    for _ in range(repeats):
+        ts.append(_once(fn, *args))
+        bs.append(_once(baseline, *base_args))
+    return [t for t, _ in ts], [c for _, c in ts], [t for t, _ in bs], [c for _, c in bs]
+
+
+def config_for(shape: Shape, dispatch: str | None, backend: str | None, extra: dict) -> moe.MoEConfig:
+    if dispatch is None:
+        return moe.dense(shape.d, shape.K * shape.f)
+    return moe.MoEConfig(shape.d, shape.f, n_experts=shape.E, top_k=shape.K, normalize=shape.normalize,
+                         dispatch=dispatch, backend=backend, **extra)
+
+
+def measure(shape: Shape, dispatch, backend, extra, dense, repeats: int, max_run_mib: float, log) -> dict:
+    """One row. dense: (compiled dense step, its args), run alternately with this row's step."""
+    step, params = make_step(config_for(shape, dispatch, backend, extra))
+    x, ct = inputs(shape)
+    t0 = time.perf_counter()
+    compiled = compile_step(step, params, shape, shape.T)
+    compile_ms = (time.perf_counter() - t0) * 1e3
+    big_T = 4 * shape.T
+    row = dict(
+        shape=shape.name, T=shape.T, d=shape.d, E=shape.E, K=shape.K, f=shape.f,
+        dispatch=dispatch or "dense", backend=backend or "swiglu",
+        cf=extra.get("capacity_factor"), block=extra.get("block_size"), compile_ms=compile_ms,
+        temp_mib=temp_mib(compiled), temp_mib_big=temp_mib(compile_step(step, params, shape, big_T)), T_big=big_T,
+    )
+    reps = 1 if backend == "ragged_dot" else repeats
+    if row["temp_mib"] > max_run_mib:
+        row.update(time_ms=float("nan"), dense_ms=float("nan"), ratio_vs_dense=float("nan"), times_ms=[],
+                   dense_times_ms=[], cpu_ms=float("nan"), dense_cpu_ms=float("nan"), cpu_ratio_vs_dense=float("nan"),
+                   runs=f"not run: temp {row['temp_mib'] / 1024:.1f} GiB > --max-run-gib {max_run_mib / 1024:.1f}")
+    else:
+        args = (params, x, ct)
+        ts, cs, bs, bcs = time_paired(compiled, dense[0], args, dense[1], reps)
+        row.update(time_ms=statistics.median(ts), dense_ms=statistics.median(bs), times_ms=ts, dense_times_ms=bs,
+                   cpu_ms=statistics.median(cs), dense_cpu_ms=statistics.median(bcs),
+                   cpu_ratio_vs_dense=statistics.median(cs) / statistics.median(bcs),
+                   runs=f"1 warm-up + {reps} timed" + (" (ragged_dot: CPU lowering is dense over experts)"
+                                                       if backend == "ragged_dot" else ""))
+        row["ratio_vs_dense"] = row["time_ms"] / row["dense_ms"]
+    log(f"  {row['dispatch']:8s} {row['backend']:10s} cf={row['cf']} block={row['block']}: "
+        f"{row['time_ms']:9.1f} ms vs dense {row['dense_ms']:7.1f} ms = {row['ratio_vs_dense']:6.2f}x "
+        f"(cpu-time ratio {row['cpu_ratio_vs_dense']:5.2f}x)  "
+        f"({row['runs']}; compile {compile_ms:.0f} ms)  temp {row['temp_mib']:.1f} / {row['temp_mib_big']:.1f} MiB")
+    return row
+
+
+def _available_mib() -> float:
+    try:
+        with open("/proc/meminfo") as fh:
+            info = dict(line.split(":", 1) for line in fh)
+        return float(info["MemAvailable"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        return float("inf")
+
+
+def run(quick: bool, repeats: int, max_run_gib: float | None = None, log=print) -> list[dict]:
+    """All rows. Every MoE row's ratio is against dense runs interleaved with its own runs; the dense
+    row itself is the median of all those dense runs. Steps whose compiled temp memory exceeds
+    max_run_gib (default: half the memory available at start) are compiled but not run."""
+    max_run_mib = max_run_gib * 1024 if max_run_gib is not None else 0.5 * _available_mib()
+    rows = []
+    for shape in (QUICK_SHAPES if quick else FULL_SHAPES):
+        log(f"shape {shape}")
+        dstep, dparams = make_step(config_for(shape, None, None, {}))
+        dx, dct = inputs(shape)
+        dcompiled = compile_step(dstep, dparams, shape, shape.T)
+        dense = (dcompiled, (dparams, dx, dct))
+        shape_rows = [measure(shape, dsp, be, extra, dense, repeats, max_run_mib, log)
+                      for dsp, be, extra in variants(quick)]
+        all_dense = [t for r in shape_rows for t in r["dense_times_ms"]]
+        if not all_dense:  # every MoE row was skipped: time the dense step on its own
+            _, _, all_dense, cpus = time_paired(dcompiled, dcompiled, dense[1], dense[1], repeats)
+            for r in shape_rows:
+                r["dense_cpu_ms"] = statistics.median(cpus)
+        dense_ms = statistics.median(all_dense)
+        rows.append(dict(
+            shape=shape.name, T=shape.T, d=shape.d, E=shape.E, K=shape.K, f=shape.f, dispatch="dense",
+            backend="swiglu", cf=None, block=None, time_ms=dense_ms, dense_ms=dense_ms, ratio_vs_dense=1.0,
+            times_ms=all_dense, dense_times_ms=all_dense, cpu_ratio_vs_dense=1.0,
+            cpu_ms=statistics.median([r["dense_cpu_ms"] for r in shape_rows if r["dense_cpu_ms"] == r["dense_cpu_ms"]]),
+            runs=f"{len(all_dense)} dense runs interleaved with the rows below "
+            f"(min {min(all_dense):.1f}, max {max(all_dense):.1f})",
+            temp_mib=temp_mib(dcompiled), temp_mib_big=temp_mib(compile_step(dstep, dparams, shape, 4 * shape.T)),
+            T_big=4 * shape.T))
+        rows.extend(shape_rows)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    big = rows[0]["T_big"] if rows else 0
+    small = rows[0]["T"] if rows else 0
+    head = (f"| shape | dispatch | backend | cf/block | time ms | ratio vs dense | temp MiB @{small} "
+            f"| temp MiB @{big} | runs |")
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        knob = f"cf {r['cf']}" if r["cf"] is not None else (f"block {r['block']}" if r["block"] else "-")
+        ran = r["time_ms"] == r["time_ms"]  # not NaN
+        t = f"{r['time_ms']:.1f}" if ran else "-"
+        ratio = f"{r['ratio_vs_dense']:.2f}x" if ran else "-"
+        lines.append(f"| {r['shape']} | {r['dispatch']} | {r['backend']} | {knob} | {t} | {ratio} "
+                     f"| {r['temp_mib']:.1f} | {r['temp_mib_big']:.1f} | {r['runs']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", metavar="FILE", help="write the rows as a JSON list")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and 1 repeat (smoke test, < 60 s)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 7; 1 with --quick)")
+    p.add_argument("--max-run-gib", type=float, default=None,
+                   help="compile but do not run steps needing more temp memory (default: half of MemAvailable)")
+    args = p.parse_args(argv)
+    repeats = args.repeats or (1 if args.quick else 7)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ()
+    print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
+          f"{platform.machine()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, load average {load}, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')!r}", flush=True)
+    rows = run(args.quick, repeats, args.max_run_gib, log=lambda s: print(s, flush=True))
+    print()
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            nan_to_null = lambda v: None if isinstance(v, float) and v != v else v
+            json.dump([{k: nan_to_null(v) for k, v in r.items()} for r in rows], fh, indent=1)  # strict JSON
+        print(f"wrote {len(rows)} rows to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

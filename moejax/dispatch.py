@@ -137,6 +137,15 @@ def dropless_plan(expert_ids: jax.Array, mask: jax.Array, n_experts: int, block:
     return _plan(perm, dest, M, T, K, layout)
 
 
+def auto_block(n_assignments: int, n_experts: int, max_block: int = 256) -> int:
+    """Dropless block size: the largest power of two <= the mean load T K / E, at most `max_block`.
+
+    Larger blocks mean fewer per-block weight gathers but up to E (block - 1) padding rows; on the
+    2-core CPU benchmark (T K / E >= 512) 256 beat 128 and 64 (experiments/benchmarks/README.md)."""
+    mean_load = max(1, n_assignments // n_experts)
+    return min(max_block, 1 << (mean_load.bit_length() - 1))
+
+
 def dropped_fraction(plan: Plan, mask: jax.Array) -> jax.Array:
     """Fraction of the router's (unmasked) token-expert assignments that got no buffer row."""
     M = plan.row_token.shape[0]

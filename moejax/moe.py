@@ -37,7 +37,8 @@ class MoEConfig:
     (`n_groups`, `topk_groups`, `group_score`) and the aux-free bias (`aux_free_bias`,
     `bias_update_rate`). 'expert_choice' gives each expert C = T * top_k * capacity_factor / E tokens.
     Dispatch: `dispatch` in DISPATCHES; 'capacity' uses `capacity_factor`, `batch_prioritized`.
-    Backend: 'auto' or a name in experts.BACKENDS; `block_size` rows per block for dropless buffers.
+    Backend: 'auto' or a name in experts.BACKENDS; `block_size` rows per block of a dropless 'blocked'
+    buffer, 0 = `dispatch.auto_block` (the largest power of two <= T K / E, at most 256).
     Losses (coefficients, >= 0): aux_loss_coef (a1), device_loss_coef (a2, over `n_devices` groups of
     experts), seq_aux_loss_coef (DeepSeek-V3), z_loss_coef (ST-MoE).
     """
@@ -64,7 +65,7 @@ class MoEConfig:
     capacity_factor: float = 1.25
     batch_prioritized: bool = False
     backend: str = "auto"
-    block_size: int = 128
+    block_size: int = 0
     aux_loss_coef: float = 0.0
     device_loss_coef: float = 0.0
     n_devices: int = 1
@@ -92,7 +93,7 @@ class MoEConfig:
         _require(self.dispatch in DISPATCHES, "dispatch", self.dispatch, str(DISPATCHES))
         backends = ("auto",) + tuple(experts.BACKENDS)
         _require(self.backend in backends, "backend", self.backend, str(backends))
-        _require(self.block_size >= 1, "block_size", self.block_size, "an integer >= 1")
+        _require(self.block_size >= 0, "block_size", self.block_size, "an integer >= 0 (0 = automatic)")
         if self.router == "gshard":
             _require(self.top_k == 2, "top_k", self.top_k, "2 for router='gshard'")
         if self.router == "expert_choice":
@@ -302,15 +303,18 @@ class MoE(nnx.Module):
             prio = jnp.max(r.weights, axis=-1) if c.batch_prioritized else None
             plan = dispatch.capacity_plan(r.expert_ids, r.mask, c.n_experts, C, prio)
         else:
-            plan = dispatch.dropless_plan(r.expert_ids, r.mask, c.n_experts, self._block())
+            plan = dispatch.dropless_plan(r.expert_ids, r.mask, c.n_experts, self._block(T))
         backend = self._backend(plan.layout.per_expert)
         rows = dispatch.dispatch(xt, plan)  # [M, d]
         out = dispatch.combine(experts.grouped_ffn(rows, params, plan.layout, c.activation, backend), r.weights, plan)
         return out, self._stats(r, B, dispatch.dropped_fraction(plan, r.mask))
 
-    def _block(self) -> int:
-        """Rows per block of a dropless buffer: block_size for 'blocked', 1 (no padding) otherwise."""
-        return self.config.block_size if self._backend(per_expert=False) == "blocked" else 1
+    def _block(self, T: int) -> int:
+        """Rows per block of a dropless buffer: block_size (or automatic) for 'blocked', else 1 (no padding)."""
+        c = self.config
+        if self._backend(per_expert=False) != "blocked":
+            return 1
+        return c.block_size or dispatch.auto_block(T * c.top_k, c.n_experts)
 
     def _backend(self, per_expert: bool) -> str:
         b = self.config.backend

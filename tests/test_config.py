@@ -67,7 +67,7 @@ INVALID = {
     # fails with OverflowError at the first forward pass (reported bug; these fail until fixed).
     "hash_salt_negative": (dict(router="hash", top_k=1, hash_salt=-1), "hash_salt", -1, ["allowed"]),
     "hash_salt_too_large": (dict(router="hash", top_k=1, hash_salt=2**32), "hash_salt", 2**32, ["allowed"]),
-    "block_size_zero": (dict(block_size=0), "block_size", 0, [">= 1"]),
+    "block_size_negative": (dict(block_size=-1), "block_size", -1, [">= 0"]),
     "dense_with_top_k": (dict(n_experts=0, top_k=1, n_shared=1), "top_k", 1, ["n_experts=0"]),
     "dense_without_shared": (dict(n_experts=0, top_k=0, n_shared=0), "n_shared", 0, [">= 1", "n_experts=0"]),
 }

@@ -248,7 +248,7 @@ def test_reference_cases_are_meaningful():
 
 
 def test_auto_backend_default_block_size_matches_reference():
-    cfg = make_config("topk_softmax", "dropless")  # backend='auto', block_size=128 > T K
+    cfg = make_config("topk_softmax", "dropless")  # backend='auto', block_size=0: dispatch.auto_block
     model = make_model(cfg)
     x, cot, _ = inputs()
     p = ref.params_of(model)
@@ -256,6 +256,12 @@ def test_auto_backend_default_block_size_matches_reference():
     y_ref, gp_ref, gx_ref = ref_value_and_grads(p, x, cot, cfg, dec)
     y, _, gp, gx = moe_value_and_grads(model, x, cot)
     assert_trees_close((y, gx, gp), (y_ref, gx_ref, gp_ref), F32, "auto ")
+
+
+@pytest.mark.parametrize("n,E,want", [(32768, 64, 256), (8192, 8, 256), (2048, 8, 256), (2047, 8, 128),
+                                     (300, 8, 32), (7, 8, 1), (0, 8, 1)])
+def test_auto_block_is_largest_power_of_two_up_to_mean_load(n, E, want):
+    assert dispatch.auto_block(n, E) == want
 
 
 @pytest.mark.parametrize("name,kw", [

@@ -117,6 +117,15 @@ class MoEConfig:
             _require(self.score_fn == "softmax", "score_fn", self.score_fn, "'softmax' unless router='topk'")
             _require(not self.normalize, "normalize", self.normalize, "False unless router='topk'")
             _require(self.routed_scale == 1.0, "routed_scale", self.routed_scale, "1.0 unless router='topk'")
+        if self.router in ("expert_choice", "hash"):  # balanced by construction: no balance loss applies
+            for name in ("aux_loss_coef", "device_loss_coef", "seq_aux_loss_coef"):
+                _require(getattr(self, name) == 0, name, getattr(self, name), f"0 with router={self.router!r}")
+        if self.router == "hash":  # no learned router: nothing to jitter or z-regularise
+            _require(self.jitter == 0, "jitter", self.jitter, "0 with router='hash'")
+            _require(self.z_loss_coef == 0, "z_loss_coef", self.z_loss_coef, "0 with router='hash'")
+        if self.dispatch == "dropless":
+            _require(not self.batch_prioritized, "batch_prioritized", self.batch_prioritized,
+                     "False with dispatch='dropless' (nothing is dropped)")
         if self.aux_free_bias:
             _require(self.router == "topk", "aux_free_bias", self.aux_free_bias, "False unless router='topk'")
         _require(self.n_devices >= 1 and (self.n_experts or 1) % self.n_devices == 0, "n_devices", self.n_devices,
@@ -216,6 +225,7 @@ class MoEStats:
     """Losses (already weighted) and load metrics of one MoE layer, float32 scalars unless noted.
 
     loss = aux + device + seq + z. load: [E] assignment counts chosen by the router (before drops).
+    dropped: fraction of chosen assignments with no buffer row (expert choice: of tokens no expert took).
     """
 
     loss: jax.Array

@@ -14,6 +14,7 @@ setuptools.setup(
     install_requires=[
         f"jax>={JAX_VERSION}",
         "flax>=0.12",
+        "optax>=0.2",
         "numpy>=1.26",
     ],
     extras_require={

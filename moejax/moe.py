@@ -23,9 +23,17 @@ ROUTERS = ("topk", "gshard", "expert_choice", "hash")
 DISPATCHES = ("capacity", "dropless")
 
 
-def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"MoEConfig.{field}={value!r} is invalid; allowed: {allowed}")
+def require_for(cls_name: str):
+    """A check that raises ValueError("<cls_name>.<field>=<value> is invalid; allowed: <allowed>")."""
+
+    def require(ok: bool, field: str, value: Any, allowed: str) -> None:
+        if not ok:
+            raise ValueError(f"{cls_name}.{field}={value!r} is invalid; allowed: {allowed}")
+
+    return require
+
+
+_require = require_for("MoEConfig")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,153 @@
+"""Decoder-only transformer LM whose FFNs are dense or MoE layers (moejax.moe.MoE).
+
+Pre-norm blocks (RMSNorm, Zhang & Sennrich 2019), rotary position embeddings (Su et al. 2021), causal
+multi-head attention, tied or untied embeddings. Layer l uses an MoE FFN iff l >= first_k_dense and
+(l - first_k_dense) % moe_every == 0 (DeepSeekMoE: first layer dense; GShard: every other layer MoE);
+other layers use a dense FFN of width `dense_d_ff`. Parameters are float32; `dtype` is the compute
+dtype (bf16 on accelerators); the router always computes in float32 (moejax.moe).
+Names: B batch, S sequence, d width, H heads, V vocabulary.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax import moe as moe_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder LM; `moe` configures every MoE layer (its d_model must equal d_model)."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    moe: moe_lib.MoEConfig
+    dense_d_ff: int = 0  # width of the dense FFN layers; 0 = moe.d_ff
+    first_k_dense: int = 0
+    moe_every: int = 1
+    max_len: int = 2048
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        req = moe_lib.require_for("ModelConfig")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "moe_every", "max_len"):
+            req(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        req(self.d_model % self.n_heads == 0 and (self.d_model // self.n_heads) % 2 == 0, "n_heads",
+            self.n_heads, f"a divisor of d_model={self.d_model} leaving an even head width")
+        req(self.moe.d_model == self.d_model, "moe.d_model", self.moe.d_model, f"d_model={self.d_model}")
+        req(0 <= self.first_k_dense <= self.n_layers, "first_k_dense", self.first_k_dense,
+            f"0 <= first_k_dense <= n_layers={self.n_layers}")
+        req(self.dense_d_ff >= 0, "dense_d_ff", self.dense_d_ff, "an integer >= 0 (0 = moe.d_ff)")
+        req(self.rope_base > 0, "rope_base", self.rope_base, "> 0")
+        req(self.dtype in ("float32", "bfloat16"), "dtype", self.dtype, "('float32', 'bfloat16')")
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether layer `layer` has an MoE FFN (else a dense FFN)."""
+        return layer >= self.first_k_dense and (layer - self.first_k_dense) % self.moe_every == 0
+
+    def ffn_config(self, layer: int) -> moe_lib.MoEConfig:
+        if self.is_moe(layer):
+            return self.moe
+        return moe_lib.dense(self.d_model, self.dense_d_ff or self.moe.d_ff, activation=self.moe.activation)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, computed in float32 (Zhang & Sennrich 2019)."""
+
+    def __init__(self, d: int, eps: float = 1e-6):
+        self.scale = nnx.Param(jnp.ones((d,), jnp.float32))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotary embedding (RoFormer eq. 34), pairs (i, i + h/2). x: [B, S, H, h]; positions: [B, S]."""
+    h = x.shape[-1]
+    freq = base ** (-jnp.arange(0, h // 2, dtype=jnp.float32) * 2 / h)  # [h/2]
+    angle = positions[..., None].astype(jnp.float32) * freq  # [B, S, h/2]
+    sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal multi-head self-attention with rotary positions; softmax in float32."""
+
+    def __init__(self, d: int, n_heads: int, rope_base: float, *, rngs: nnx.Rngs):
+        init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2, 3))
+        self.wqkv = nnx.Param(init(rngs.params(), (d, 3, n_heads, d // n_heads), jnp.float32))  # [d, 3, H, h]
+        out_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
+        self.wo = nnx.Param(out_init(rngs.params(), (n_heads, d // n_heads, d), jnp.float32))  # [H, h, d]
+        self.rope_base = rope_base
+
+    def __call__(self, x, positions, segment_ids=None):
+        B, S, _ = x.shape
+        qkv = jnp.einsum("bsd,dthk->tbshk", x, self.wqkv[...].astype(x.dtype))
+        q, k = rope(qkv[0], positions, self.rope_base), rope(qkv[1], positions, self.rope_base)
+        logits = jnp.einsum("bshk,bthk->bhst", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
+        mask = jnp.tril(jnp.ones((S, S), bool))[None, None]
+        if segment_ids is not None:  # packed documents attend only within themselves
+            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+        probs = jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1).astype(x.dtype)
+        out = jnp.einsum("bhst,bthk->bshk", probs, qkv[2])
+        return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(x.dtype))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + Attn(norm(x)); x + FFN(norm(x)) with a dense or MoE FFN."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.d_model)
+        self.attn = Attention(config.d_model, config.n_heads, config.rope_base, rngs=rngs)
+        self.ffn_norm = RMSNorm(config.d_model)
+        self.ffn = moe_lib.MoE(config.ffn_config(layer), rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids, token_ids, key):
+        x = x + self.attn(self.attn_norm(x), positions, segment_ids)
+        y, stats = self.ffn(self.ffn_norm(x), token_ids=token_ids, key=key)
+        return x + y, stats
+
+
+class Transformer(nnx.Module):
+    """__call__(tokens [B, S], positions, segment_ids, key) -> (logits [B, S, V] float32, [MoEStats per
+    MoE layer]). Dense layers' stats are not returned. Auxiliary losses are in each MoEStats.loss."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embed = nnx.Param(jax.random.normal(rngs.params(), (config.vocab_size, config.d_model), jnp.float32))
+        self.blocks = nnx.List([Block(config, l, rngs=rngs) for l in range(config.n_layers)])
+        self.final_norm = RMSNorm(config.d_model)
+        if not config.tie_embeddings:
+            init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+            self.unembed = nnx.Param(init(rngs.params(), (config.d_model, config.vocab_size), jnp.float32))
+
+    def __call__(self, tokens, positions=None, segment_ids=None, key=None):
+        c = self.config
+        dtype = jnp.dtype(c.dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.embed[...].astype(dtype)[tokens]
+        keys = jax.random.split(key, c.n_layers) if key is not None else [None] * c.n_layers
+        stats = []
+        for layer, block in enumerate(self.blocks):
+            x, s = block(x, positions, segment_ids, tokens, keys[layer])
+            if c.is_moe(layer):
+                stats.append(s)
+        x = self.final_norm(x)
+        if c.tie_embeddings:  # scale by d^-1/2 so tied logits start at unit scale
+            logits = jnp.einsum("bsd,vd->bsv", x, self.embed[...].astype(dtype), preferred_element_type=jnp.float32)
+            logits = logits * c.d_model ** -0.5
+        else:
+            logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(dtype), preferred_element_type=jnp.float32)
+        return logits, stats

@@ -1,0 +1,147 @@
+"""Decoder LM (moejax/model.py): causality, packing, rotary positions, attention against a loop
+reference, dense/MoE layer layout, bf16 compute, learning, and ModelConfig validation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from moejax import model as M
+from moejax import moe
+from tests.tolerances import F32
+
+V, D, H = 64, 32, 4
+
+
+def make(n_layers=3, first_k_dense=1, moe_every=1, **kw):
+    mcfg = kw.pop("moe_cfg", moe.deepseekmoe(D, 32, n_experts=4, top_k=2, m=2, n_shared=1))
+    cfg = M.ModelConfig(V, D, n_layers, H, mcfg, first_k_dense=first_k_dense, moe_every=moe_every, max_len=64, **kw)
+    return M.Transformer(cfg, rngs=nnx.Rngs(0))
+
+
+def tokens(B=2, S=12, seed=0):
+    return jax.random.randint(jax.random.PRNGKey(seed), (B, S), 0, V)
+
+
+def test_shapes_dtypes_and_moe_layer_layout():
+    m = make(n_layers=5, first_k_dense=1, moe_every=2)
+    logits, stats = m(tokens())
+    assert logits.shape == (2, 12, V) and logits.dtype == jnp.float32
+    assert [m.config.is_moe(l) for l in range(5)] == [False, True, False, True, False]
+    # deepseekmoe(N=4, K=2, m=2, Ks=1): m N - Ks = 7 routed experts with m K - Ks = 3 picks
+    assert len(stats) == 2 and all(s.load.shape == (7,) for s in stats)
+    assert m.blocks[0].ffn.config.n_experts == 0 and m.blocks[1].ffn.config.n_experts == 7
+
+
+def test_causal_future_tokens_do_not_change_past_logits():
+    m = make()  # dropless dispatch: tokens do not compete for capacity
+    t = tokens()
+    t2 = t.at[:, 7:].set((t[:, 7:] + 5) % V)
+    a, _ = m(t)
+    b, _ = m(t2)
+    np.testing.assert_allclose(a[:, :7], b[:, :7], **F32)
+    assert not np.allclose(a[:, 7:], b[:, 7:])
+
+
+def test_packed_documents_match_separate_runs():
+    m = make()
+    t = tokens(B=1, S=10)
+    seg = jnp.array([[1] * 4 + [2] * 6])
+    pos = jnp.array([list(range(4)) + list(range(6))])
+    packed, _ = m(t, positions=pos, segment_ids=seg)
+    first, _ = m(t[:, :4])
+    second, _ = m(t[:, 4:])
+    np.testing.assert_allclose(packed[:, :4], first, **F32)
+    np.testing.assert_allclose(packed[:, 4:], second, **F32)
+
+
+def test_rope_depends_only_on_relative_position():
+    q, k = jax.random.normal(jax.random.PRNGKey(1), (2, 1, 1, 1, 8))
+    def score(pq, pk):
+        return jnp.sum(M.rope(q, jnp.array([[pq]]), 10000.0) * M.rope(k, jnp.array([[pk]]), 10000.0))
+    np.testing.assert_allclose(score(3, 1), score(10, 8), **F32)
+    np.testing.assert_allclose(score(0, 0), jnp.sum(q * k), **F32)
+
+
+def test_attention_matches_loop_reference():
+    attn = M.Attention(D, H, 10000.0, rngs=nnx.Rngs(3))
+    x = jax.random.normal(jax.random.PRNGKey(4), (1, 6, D))
+    pos = jnp.arange(6)[None]
+    y = attn(x, pos)
+    w = np.asarray(attn.wqkv[...])  # [d, 3, H, h]
+    hd = D // H
+    q = M.rope(jnp.einsum("bsd,dhk->bshk", x, w[:, 0]), pos, 10000.0)[0]
+    k = M.rope(jnp.einsum("bsd,dhk->bshk", x, w[:, 1]), pos, 10000.0)[0]
+    v = np.einsum("sd,dhk->shk", np.asarray(x[0]), w[:, 2])
+    out = np.zeros((6, H, hd))
+    for s in range(6):
+        for h in range(H):
+            sc = np.array([float(q[s, h] @ k[t, h]) / np.sqrt(hd) for t in range(s + 1)])
+            p = np.exp(sc - sc.max()) / np.exp(sc - sc.max()).sum()
+            out[s, h] = sum(p[t] * v[t, h] for t in range(s + 1))
+    ref = np.einsum("shk,hkd->sd", out, np.asarray(attn.wo[...]))
+    np.testing.assert_allclose(y[0], ref, **F32)
+
+
+def test_bf16_compute_keeps_f32_params_and_logits():
+    m = make(dtype="bfloat16")
+    logits, stats = m(tokens())
+    assert logits.dtype == jnp.float32 and bool(jnp.isfinite(logits).all())
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    f32 = make()
+    ref, _ = f32(tokens())
+    assert float(jnp.mean(jnp.abs(logits - ref))) < 0.05 * float(jnp.mean(jnp.abs(ref)))
+
+
+def test_untied_embeddings_and_hash_router_get_token_ids():
+    m = make(tie_embeddings=False, moe_cfg=moe.hash_layer(D, 32, n_experts=4))
+    logits, stats = m(tokens())
+    assert logits.shape == (2, 12, V) and m.unembed[...].shape == (D, V)
+    assert float(stats[0].load.sum()) == 2 * 12
+
+
+def test_a_few_adam_steps_lower_the_loss():
+    m = make(n_layers=2)
+    graphdef, params, rest = nnx.split(m, nnx.Param, ...)
+    t = tokens(B=4, S=16, seed=5)
+    opt = optax.adam(3e-3)
+    opt_state = opt.init(params)
+
+    @jax.jit
+    def step(params, opt_state):
+        def loss_fn(params):
+            logits, stats = nnx.merge(graphdef, params, rest)(t[:, :-1])
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, t[:, 1:]).mean()
+            return ce + sum(s.loss for s in stats), ce
+        (_, ce), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = opt.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, ce
+
+    losses = []
+    for _ in range(8):
+        params, opt_state, ce = step(params, opt_state)
+        losses.append(float(ce))
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+BASE = dict(vocab_size=V, d_model=D, n_layers=2, n_heads=H)
+INVALID = {
+    "vocab_size_zero": (dict(vocab_size=0), "vocab_size", "0"),
+    "n_layers_zero": (dict(n_layers=0), "n_layers", "0"),
+    "n_heads_not_dividing": (dict(n_heads=5), "n_heads", "5"),
+    "odd_head_width": (dict(n_heads=32), "n_heads", "32"),
+    "moe_width_mismatch": (dict(moe=moe.switch(16, 32)), r"moe\.d_model", "16"),
+    "first_k_dense_too_large": (dict(first_k_dense=3), "first_k_dense", "3"),
+    "moe_every_zero": (dict(moe_every=0), "moe_every", "0"),
+    "dense_d_ff_negative": (dict(dense_d_ff=-1), "dense_d_ff", "-1"),
+    "rope_base_zero": (dict(rope_base=0.0), "rope_base", "0.0"),
+    "unknown_dtype": (dict(dtype="float16"), "dtype", "'float16'"),
+}
+
+
+@pytest.mark.parametrize("overrides,field,value", list(INVALID.values()), ids=list(INVALID))
+def test_invalid_model_config_names_field_and_value(overrides, field, value):
+    kw = {**BASE, "moe": moe.switch(D, 32), **overrides}
+    with pytest.raises(ValueError, match=rf"ModelConfig\.{field}={value}.*allowed"):
+        M.ModelConfig(**kw)

@@ -1,0 +1,340 @@
+"""Data: tfds array_record sources read with grain, tokenized, packed into rows, shuffled, sharded per host, batched.
+
+Sources (`DataConfig.source`), all read with `tfds` data sources (no TensorFlow):
+  'stdlib'    the running interpreter's standard library *.py files (moejax.datasets.MoejaxStdlib): no
+              download; built on first use (~0.2 s) into `tfds_data_dir`, one build per interpreter version.
+  'text_dir'  every text file under `text_dir` (moejax.datasets.MoejaxTextDir), rebuilt when files change.
+  'tfds'      a tfds dataset already prepared in array_record format (`tfds_name`, `tfds_data_dir`,
+              `text_key`, `train_split`, `eval_split`), e.g. lm1b or c4 on a TPU VM disk or bucket.
+For 'stdlib' and 'text_dir' a file goes to 'validation' when the hash of its relative path is below
+`val_fraction`. `tfds_data_dir=''` means the tfds default ($TFDS_DATA_DIR, else ~/tensorflow_datasets).
+
+Packing (concatenate, then split): a document's tokens t_1..t_n become inputs [EOS, t_1, ..., t_n] and
+targets [t_1, ..., t_n, EOS] (EOS also opens a document), so every token and the closing EOS is a target
+exactly once, predicted from its own document. These pairs are concatenated and cut into rows of seq_len;
+a document that does not fit continues at the start of the next row. In a row, `segment_ids` number the
+pieces 1, 2, ... (0 = padding) and `positions` restart at 0 at each piece. No target crosses a piece
+boundary, so `weights` is 1.0 on every token and 0.0 only on padding (the end of a finite split).
+
+  doc 'ab', doc 'cde', seq_len 4 ->  inputs  [EOS a b EOS] [c d e 0]    segment_ids [1 1 1 2] [1 1 1 0]
+                                     targets [a b EOS c]   [d e EOS 0]  positions   [0 1 2 0] [0 1 2 0]
+
+Batches (numpy, per host, B = batch_size // process_count, S = seq_len): inputs, targets, segment_ids,
+positions int32 [B, S]; weights float32 [B, S].
+
+Training order: host i takes every process_count-th document from i; its documents are shuffled every
+epoch (grain index shuffle, seed shuffle_seed + epoch), packed, and the rows shuffled again within
+windows of SHUFFLE_WINDOW rows; it repeats forever. Same config, seed and process_count -> the same
+batches on any machine. `it.get_state()` is a small JSON-serialisable dict; `it.set_state(state)` resumes
+exactly. Evaluation takes the first eval_steps * batch_size rows of the unshuffled eval split (fewer if
+the split is smaller; the last batch padded with weights 0), the same for any process_count; each host
+gets its slice of every batch.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import itertools
+import os
+from typing import Any, Iterator
+
+import grain
+import jax
+from absl import flags
+import numpy as np
+import tensorflow_datasets as tfds
+
+from moejax import datasets
+from moejax.moe import require_for
+from moejax.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer
+
+SOURCES = ("stdlib", "text_dir", "tfds")
+SHUFFLE_WINDOW = 1024  # rows
+FEATURES = ("inputs", "targets", "segment_ids", "positions", "weights")
+
+_require = require_for("DataConfig")
+
+
+def _fail(field: str, value: Any, allowed: str, error=ValueError):
+    raise error(f"DataConfig.{field}={value!r} is invalid; allowed: {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where documents come from, how they are tokenized and packed, and the batch per step.
+
+    source: one of SOURCES (see the module docstring); text_dir for 'text_dir'; tfds_name (e.g. 'lm1b',
+    'c4/en:3.1.0') and text_key for 'tfds'; tfds_data_dir: where tfds datasets live and where 'stdlib' /
+    'text_dir' builds are cached ('' = tfds default). tokenizer: 'byte' or a SentencePiece .model path.
+    batch_size: global sequences per step, split evenly over processes. eval_steps: validation batches.
+    val_fraction: share of files in validation for 'stdlib' / 'text_dir'. worker_count: grain worker
+    processes (0 = in the training process).
+    """
+
+    source: str = "stdlib"
+    text_dir: str = ""
+    tfds_name: str = ""
+    tfds_data_dir: str = ""
+    text_key: str = "text"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    tokenizer: str = "byte"
+    seq_len: int = 128
+    batch_size: int = 8
+    shuffle_seed: int = 0
+    eval_steps: int = 8
+    val_fraction: float = 0.02
+    worker_count: int = 0
+
+    def __post_init__(self):
+        _require(self.source in SOURCES, "source", self.source, str(SOURCES))
+        if self.source == "text_dir":
+            _require(bool(self.text_dir), "text_dir", self.text_dir, "a directory of text files with source='text_dir'")
+        else:
+            _require(self.text_dir == "", "text_dir", self.text_dir, "'' unless source='text_dir'")
+        if self.source == "tfds":
+            _require(bool(self.tfds_name), "tfds_name", self.tfds_name, "a tfds dataset name with source='tfds'")
+            _require(self.val_fraction == DataConfig.val_fraction, "val_fraction", self.val_fraction,
+                     f"{DataConfig.val_fraction} (unused) with source='tfds': tfds datasets have their own splits")
+        else:
+            _require(self.tfds_name == "", "tfds_name", self.tfds_name, "'' unless source='tfds'")
+            _require(self.text_key == "text", "text_key", self.text_key,
+                     "'text' unless source='tfds' (the stdlib and text_dir builders store documents there)")
+            _require(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "0 < val_fraction < 1")
+        _require(bool(self.text_key), "text_key", self.text_key, "a feature name")
+        for field in ("train_split", "eval_split"):
+            _require(bool(getattr(self, field)), field, getattr(self, field), "a split name")
+        _require(self.eval_split != self.train_split, "eval_split", self.eval_split,
+                 f"a split other than train_split={self.train_split!r}")
+        _require(bool(self.tokenizer), "tokenizer", self.tokenizer, "'byte' or the path of a SentencePiece model")
+        _require(self.seq_len >= 2, "seq_len", self.seq_len, "an integer >= 2")
+        _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        _require(self.eval_steps >= 1, "eval_steps", self.eval_steps, "an integer >= 1")
+        _require(0 <= self.shuffle_seed < 2**32, "shuffle_seed", self.shuffle_seed, "an integer in [0, 2**32)")
+        _require(self.worker_count >= 0, "worker_count", self.worker_count, "an integer >= 0 (0 = in-process)")
+
+
+def get_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """ByteTokenizer for 'byte', else the SentencePiece model at cfg.tokenizer."""
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    path = os.path.expanduser(cfg.tokenizer)
+    if not os.path.isfile(path):
+        _fail("tokenizer", cfg.tokenizer, "'byte' or an existing SentencePiece .model file (not found; "
+              "train one with `python -m moejax.tokenizer --output=FILE.model`)", FileNotFoundError)
+    try:
+        return SentencePieceTokenizer(path)
+    except (RuntimeError, ValueError) as e:
+        _fail("tokenizer", cfg.tokenizer, f"a SentencePiece model with an EOS piece ({e})")
+
+
+# ------------------------------------------------------------------ sources
+
+
+def _data_dir(cfg: DataConfig) -> str | None:
+    return os.path.expanduser(cfg.tfds_data_dir) if cfg.tfds_data_dir else None
+
+
+def _files_builder(cfg: DataConfig):
+    """The stdlib / text_dir builder for cfg, built into tfds_data_dir if it is not there yet."""
+    if cfg.source == "stdlib":
+        cls, config, where = datasets.MoejaxStdlib, datasets.stdlib_config(cfg.val_fraction), "the standard library"
+    else:
+        root = os.path.expanduser(cfg.text_dir)
+        if not os.path.isdir(root):
+            _fail("text_dir", cfg.text_dir, "an existing directory of text files (not found)", FileNotFoundError)
+        cls, config, where = datasets.MoejaxTextDir, datasets.text_dir_config(root, cfg.val_fraction), "text_dir"
+        if not config.files:
+            _fail("text_dir", cfg.text_dir, "a directory with at least one non-empty text file (none found)")
+    for split, files in datasets.split_files(config.files, cfg.val_fraction).items():
+        if not files:
+            _fail("val_fraction", cfg.val_fraction, f"a fraction that leaves the {split} split of the "
+                  f"{len(config.files)} files of {where} non-empty ({split} would be empty)")
+    builder = cls(config=config, data_dir=_data_dir(cfg), file_format="array_record")
+    if not builder.is_prepared():
+        try:
+            builder.download_and_prepare()
+        except OSError:  # another process finished the same build first
+            builder = cls(config=config, data_dir=_data_dir(cfg), file_format="array_record")
+            if not builder.is_prepared():
+                raise
+    return builder
+
+
+def _tfds_builder(cfg: DataConfig):
+    """The prepared tfds dataset named by cfg.tfds_name, with its text_key feature checked."""
+    name, data_dir = cfg.tfds_name, _data_dir(cfg)
+    where = data_dir or f"the tfds default data dir {tfds.core.constants.DATA_DIR}"
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        known = tfds.list_builders(with_community_datasets=False)
+        close = difflib.get_close_matches(name.split("/")[0].split(":")[0], known, n=5)
+        _fail("tfds_name", name, f"a tfds dataset registered in tensorflow_datasets or prepared in {where} "
+              f"(unknown dataset: it is neither; close registered names: {close})")
+    except Exception as e:  # bad config or version: tfds explains
+        _fail("tfds_name", name, f"a tfds dataset name like 'lm1b' or 'c4/en:3.1.0' (tfds: {e})")
+    if not builder.is_prepared():
+        _fail("tfds_name", name, f"a dataset prepared in {where} (not prepared there; prepare it with "
+              f"`tfds build {name} --file_format=array_record{f' --data_dir={data_dir}' if data_dir else ''}` or "
+              f"tfds.builder({name!r}, data_dir={data_dir!r}, file_format='array_record').download_and_prepare())",
+              FileNotFoundError)
+    fmt = builder.info.file_format
+    if fmt != tfds.core.file_adapters.FileFormat.ARRAY_RECORD:
+        _fail("tfds_name", name, f"a dataset prepared in array_record format (it is {getattr(fmt, 'value', fmt)}; "
+              f"convert it with `tfds convert_format --dataset_version_dir={builder.data_dir} "
+              "--out_file_format=array_record`)")
+    features = list(builder.info.features.keys())
+    _require(cfg.text_key in features, "text_key", cfg.text_key, f"a feature of {name}: {features}")
+    return builder
+
+
+def _builder(cfg: DataConfig):
+    return _tfds_builder(cfg) if cfg.source == "tfds" else _files_builder(cfg)
+
+
+def _source(cfg: DataConfig, builder, field: str):
+    """The random-access data source of split getattr(cfg, field) ('train_split' or 'eval_split')."""
+    split = getattr(cfg, field)
+    splits = list(builder.info.splits.keys())
+    _require(split.split("[")[0] in splits, field, split, f"a split of {builder.name}: {splits}")
+    return builder.as_data_source(split=split)
+
+
+def documents(cfg: DataConfig, field: str = "train_split") -> Iterator[bytes]:
+    """The text of every document of split getattr(cfg, field), in storage order."""
+    source = _source(cfg, _builder(cfg), field)
+    return (source[i][cfg.text_key] for i in range(len(source)))
+
+
+# ------------------------------------------------------------------ tokenize and pack
+
+
+class Tokenize:
+    """example -> {'inputs': [EOS, t_1..t_n], 'targets': [t_1..t_n, EOS]}, int32 [n + 1] each."""
+
+    def __init__(self, tokenizer: Tokenizer, text_key: str):
+        self.tokenizer, self.text_key = tokenizer, text_key
+
+    def __call__(self, example) -> dict[str, np.ndarray]:
+        ids = self.tokenizer.encode(example[self.text_key])  # [n]
+        eos = np.array([self.tokenizer.eos_id], np.int32)
+        return {"inputs": np.concatenate([eos, ids]), "targets": np.concatenate([ids, eos])}
+
+
+class PackIterDataset(grain.IterDataset):
+    """Concatenates {'inputs', 'targets'} documents and cuts them into rows of seq_len (module docstring).
+
+    The iterator's state is the parent's state before the document being cut plus the offset into it:
+    restoring re-reads that one document.
+    """
+
+    def __init__(self, parent: grain.IterDataset, seq_len: int):
+        super().__init__(parent)
+        self.seq_len = seq_len
+
+    def __iter__(self):
+        return _PackIterator(self._parent.__iter__(), self.seq_len)
+
+
+class _PackIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, seq_len: int):
+        super().__init__(parent)
+        self.seq_len = seq_len
+        self._doc, self._doc_state, self._offset = None, None, 0  # document being cut, state before it
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        row = {k: np.zeros(self.seq_len, np.int32) for k in FEATURES[:4]}
+        n, segment = 0, 0
+        while n < self.seq_len:
+            if self._doc is None or self._offset == len(self._doc["inputs"]):
+                state = copy.deepcopy(self._parent.get_state())
+                try:
+                    self._doc, self._doc_state, self._offset = next(self._parent), state, 0
+                except StopIteration:
+                    self._doc = None
+                    break
+            take = min(self.seq_len - n, len(self._doc["inputs"]) - self._offset)
+            segment += 1
+            for k in ("inputs", "targets"):
+                row[k][n:n + take] = self._doc[k][self._offset:self._offset + take]
+            row["segment_ids"][n:n + take] = segment
+            row["positions"][n:n + take] = np.arange(take)
+            n, self._offset = n + take, self._offset + take
+        if n == 0:
+            raise StopIteration
+        row["weights"] = (row["segment_ids"] > 0).astype(np.float32)
+        return row
+
+    def get_state(self) -> dict[str, Any]:
+        if self._doc is not None and self._offset < len(self._doc["inputs"]):
+            return {"parent": copy.deepcopy(self._doc_state), "offset": self._offset}
+        return {"parent": copy.deepcopy(self._parent.get_state()), "offset": 0}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._doc, self._doc_state, self._offset = None, None, 0
+        if state["offset"]:
+            self._doc_state, self._doc, self._offset = state["parent"], next(self._parent), state["offset"]
+
+
+# ------------------------------------------------------------------ pipelines
+
+
+def _process(cfg: DataConfig, process_index, process_count) -> tuple[int, int]:
+    index = jax.process_index() if process_index is None else process_index
+    count = jax.process_count() if process_count is None else process_count
+    if not (count >= 1 and 0 <= index < count):
+        raise ValueError(f"process_index={index} and process_count={count}: need 0 <= process_index < process_count")
+    _require(cfg.batch_size % count == 0, "batch_size", cfg.batch_size, f"a multiple of process_count={count}")
+    return index, count
+
+
+def packed_rows(cfg: DataConfig, tokenizer: Tokenizer, *, split_field: str = "train_split", shuffle: bool = True,
+                num_epochs: int | None = None, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Rows (dicts of [S] arrays) of this host's documents of a split: the stages before batching."""
+    source = _source(cfg, _builder(cfg), split_field)
+    docs = grain.MapDataset.source(source)[process_index::process_count]
+    _require(len(docs) > 0, split_field, getattr(cfg, split_field),
+             f"a split with at least process_count={process_count} documents (it has {len(source)})")
+    if shuffle:
+        docs = docs.shuffle(seed=cfg.shuffle_seed)  # reshuffled every epoch (seed + epoch)
+    if num_epochs != 1:
+        docs = docs.repeat(num_epochs)
+    docs = docs.map(Tokenize(tokenizer, cfg.text_key)).to_iter_dataset()  # tokenized in grain threads
+    rows = PackIterDataset(docs, cfg.seq_len)
+    if shuffle:
+        rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=SHUFFLE_WINDOW, seed=cfg.shuffle_seed)
+    return rows
+
+
+def train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int | None = None,
+                   process_count: int | None = None) -> grain.DatasetIterator:
+    """Endless iterator of this host's training batches; get_state() / set_state(state) checkpoint it."""
+    index, count = _process(cfg, process_index, process_count)
+    rows = packed_rows(cfg, tokenizer, process_index=index, process_count=count)
+    batches = rows.batch(cfg.batch_size // count, drop_remainder=True)
+    if cfg.worker_count:
+        if not flags.FLAGS.is_parsed():  # grain workers read absl flags; outside absl.app use their defaults
+            flags.FLAGS.mark_as_parsed()
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
+    return iter(batches)
+
+
+def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int | None = None,
+                 process_count: int | None = None) -> list[dict[str, np.ndarray]]:
+    """This host's slice of the first eval_steps global batches of the unshuffled eval split."""
+    index, count = _process(cfg, process_index, process_count)
+    rows = packed_rows(cfg, tokenizer, split_field="eval_split", shuffle=False, num_epochs=1)
+    rows = list(itertools.islice(rows, cfg.eval_steps * cfg.batch_size))
+    n_batches = -(-len(rows) // cfg.batch_size)
+    stacked = {k: np.stack([r[k] for r in rows]) for k in FEATURES}  # [N, S]
+    per_host = cfg.batch_size // count
+    out = []
+    for b in range(n_batches):
+        lo = b * cfg.batch_size + index * per_host
+        batch = {k: v[lo:lo + per_host] for k, v in stacked.items()}
+        pad = per_host - len(batch["inputs"])
+        out.append({k: np.pad(v, ((0, pad), (0, 0))) for k, v in batch.items()} if pad else batch)
+    return out

@@ -16,6 +16,16 @@ setuptools.setup(
         "flax>=0.12",
         "optax>=0.2",
         "numpy>=1.26",
+        # training system: configs + CLI, checkpoints, data (tfds + grain, no TensorFlow), metrics
+        "absl-py>=2",
+        "ml_collections>=1.0",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9.9",
+        "grain>=0.2.12",
+        "array-record>=0.8",
+        "sentencepiece>=0.2",
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5"],

@@ -1,0 +1,184 @@
+"""Experiment ConfigDict (configs/*.py) -> typed, validated configs; the only place that reads it.
+
+An experiment config has four parts, each checked key by key (an unknown key is a ValueError naming the
+nearest valid key):
+  config.model       ModelConfig fields but vocab_size and max_len (those come from the tokenizer and
+                     config.data.seq_len); config.model.moe holds MoEConfig fields but d_model.
+  config.data        moejax.data.DataConfig fields.
+  config.train       TrainConfig fields (optimiser, schedule, loop).
+  config.seed        seeds parameter init and routing randomness (step s uses fold_in(seed, s));
+                     data order has its own seed, config.data.shuffle_seed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any
+
+import ml_collections
+
+from moejax import model as model_lib
+from moejax import moe as moe_lib
+
+_require = moe_lib.require_for("TrainConfig")
+SCHEDULES = ("deepseekmoe", "cosine", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser and loop. AdamW (Loshchilov & Hutter 2019) with global-norm clipping; weight decay on
+    parameters with >= 2 dims. Schedules (linear warmup over `warmup_steps` in each):
+      'deepseekmoe': then lr x `decay_factor` at each fraction of `steps` in `decay_at` (Dai et al. 2024
+                     sec. 4.1.3: x0.316 at 80% and 90%);
+      'cosine':      then cosine decay to lr * `min_lr_ratio` at `steps`;
+      'constant':    then constant.
+    One step = one optimiser update on data.batch_size sequences, split into `grad_accum` micro-batches.
+    `peak_flops` per device for MFU (0 = look up the device kind; MFU is not logged if unknown).
+    """
+
+    steps: int = 100
+    lr: float = 1e-3
+    schedule: str = "deepseekmoe"
+    warmup_steps: int = 10
+    decay_at: tuple = (0.8, 0.9)
+    decay_factor: float = 0.316
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    grad_accum: int = 1
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    peak_flops: float = 0.0
+
+    def __post_init__(self):
+        for name in ("steps", "grad_accum", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+            _require(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
+        _require(0 <= self.warmup_steps <= self.steps, "warmup_steps", self.warmup_steps,
+                 f"0 <= warmup_steps <= steps={self.steps}")
+        _require(self.lr > 0, "lr", self.lr, "> 0")
+        _require(self.schedule in SCHEDULES, "schedule", self.schedule, str(SCHEDULES))
+        _require(all(0 < a <= 1 for a in self.decay_at) and list(self.decay_at) == sorted(self.decay_at),
+                 "decay_at", self.decay_at, "increasing fractions of steps in (0, 1]")
+        _require(0 < self.decay_factor <= 1, "decay_factor", self.decay_factor, "0 < decay_factor <= 1")
+        _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "0 <= min_lr_ratio <= 1")
+        for name in ("b1", "b2"):
+            _require(0 <= getattr(self, name) < 1, name, getattr(self, name), "0 <= beta < 1")
+        for name in ("eps", "weight_decay", "clip_norm", "peak_flops"):
+            _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0 (clip_norm 0 = no clipping)")
+
+
+# Keys of config.train / config.data a resumed run may change (they do not change what is computed).
+RUN_CONTROL = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
+               "train.peak_flops", "data.worker_count", "data.eval_steps")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The typed experiment: model (vocab_size filled in by the tokenizer), data, train, seed."""
+
+    model: dict  # ModelConfig kwargs but vocab_size, with moe a MoEConfig
+    data: Any  # moejax.data.DataConfig
+    train: TrainConfig
+    seed: int
+
+    def model_config(self, vocab_size: int) -> model_lib.ModelConfig:
+        return model_lib.ModelConfig(vocab_size=vocab_size, max_len=self.data.seq_len, **self.model)
+
+
+def experiment(model: dict, moe: moe_lib.MoEConfig, data: dict, train: dict, seed: int = 0
+               ) -> ml_collections.ConfigDict:
+    """An experiment ConfigDict holding every field of the typed configs (defaults filled in), so that
+    any of them can be overridden on the command line (--config.train.lr=...)."""
+    from moejax import data as data_lib
+
+    model_defaults = {f.name: f.default for f in dataclasses.fields(model_lib.ModelConfig)
+                      if f.name not in ("vocab_size", "max_len", "moe") and f.default is not dataclasses.MISSING}
+    check_keys(model, set(model_defaults) | {"d_model", "n_layers", "n_heads"}, "model")
+    moe_dict = {k: v for k, v in dataclasses.asdict(moe).items() if k != "d_model"}
+    c = ml_collections.ConfigDict()
+    c.model = {**model_defaults, **model, "moe": moe_dict}
+    c.data = {**dataclasses.asdict(data_lib.DataConfig()), **_checked(data, data_lib.DataConfig, "data")}
+    c.train = {**dataclasses.asdict(TrainConfig()), **_checked(train, TrainConfig, "train")}
+    c.seed = seed
+    return c
+
+
+def _checked(d: dict, cls, where: str) -> dict:
+    check_keys(d, _fields(cls), where)
+    return d
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """big_vision-style config argument 'a=1,b=x' -> ConfigDict over `defaults` (types follow defaults)."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in defaults:
+            raise ValueError(f"config argument {item!r} is invalid; allowed: comma-separated key=value with "
+                             f"keys {tuple(defaults)}")
+        kind = type(defaults[key])
+        out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    return out
+
+
+def _nearest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.0)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_keys(given, valid, where: str) -> None:
+    """ValueError for the first key of `given` not in `valid`, naming the nearest valid key."""
+    for key in given:
+        if key not in valid:
+            raise ValueError(f"unknown config key {where}.{key}{_nearest(key, valid)} (known: {sorted(valid)})")
+
+
+def _fields(cls, exclude=()) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in exclude)
+
+
+def _build(cls, d, where: str, exclude=(), **extra):
+    d = dict(d)
+    check_keys(d, _fields(cls, exclude), where)
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    return cls(**d, **extra)
+
+
+def to_typed(config: ml_collections.ConfigDict) -> RunConfig:
+    """Validate the whole experiment config and translate it into typed configs."""
+    from moejax import data as data_lib  # data imports tfds/grain: keep `import moejax.config` light
+
+    c = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    check_keys(c, ("model", "data", "train", "seed"), "config")
+    for part in ("model", "data", "train"):
+        if part not in c:
+            raise ValueError(f"config.{part} is missing; an experiment config has model, data, train and seed")
+    m = dict(c["model"])
+    model_keys = _fields(model_lib.ModelConfig, ("vocab_size", "max_len"))
+    check_keys(m, model_keys, "config.model")
+    if "moe" not in m:
+        raise ValueError("config.model.moe is missing; give MoEConfig fields (n_experts=0, n_shared=1 for dense)")
+    m["moe"] = _build(moe_lib.MoEConfig, m["moe"], "config.model.moe", ("d_model",), d_model=m.get("d_model", 0))
+    model_lib.ModelConfig(vocab_size=1, **m)  # validate now, before any data is read
+    return RunConfig(model=m, data=_build(data_lib.DataConfig, c["data"], "config.data"),
+                     train=_build(TrainConfig, c["train"], "config.train"), seed=int(c.get("seed", 0)))
+
+
+def incompatible(saved: dict, current: dict) -> list[str]:
+    """Keys ('a.b') whose values differ between two config dicts, except RUN_CONTROL keys."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+        return out
+    a, b = flat(saved), flat(current)
+    return [f"{k}: saved {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
+            if k not in RUN_CONTROL and a.get(k) != b.get(k)]

@@ -1,0 +1,87 @@
+"""Training metrics: model FLOPs per token (for MFU), device peak FLOPs, and a writer that appends
+metrics.jsonl and TensorBoard event files (tensorboardX, no TensorFlow) in the workdir."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from moejax import model as model_lib
+
+# Dense bf16 peak FLOP/s per device (vendor datasheets); matched as a substring of device_kind, lower case.
+PEAK_FLOPS = {
+    "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v5": 459e12,
+    "tpu v6 lite": 918e12, "tpu v6e": 918e12, "h100": 989e12, "h200": 989e12, "a100": 312e12,
+}
+
+
+def peak_flops(device_kind: str) -> float:
+    """Peak FLOP/s of one device from PEAK_FLOPS, 0.0 if unknown (CPU)."""
+    kind = device_kind.lower()
+    return next((v for k, v in PEAK_FLOPS.items() if k in kind), 0.0)
+
+
+def active_params(config: model_lib.ModelConfig) -> dict[str, float]:
+    """Parameters each token multiplies by: attention, FFN (shared + K routed experts, or E C / T for
+    expert choice), router, unembedding. Embedding lookups and norms are not counted."""
+    d, n = config.d_model, {"attention": 0.0, "ffn": 0.0, "router": 0.0}
+    for layer in range(config.n_layers):
+        m = config.ffn_config(layer)
+        mats = 3 if m.activation == "swiglu" else 2
+        routed = m.top_k * (m.capacity_factor if m.router == "expert_choice" else 1.0)
+        n["attention"] += 4 * d * d
+        n["ffn"] += mats * d * m.expert_width * (m.n_shared + routed)
+        n["router"] += d * m.n_experts if m.n_experts and m.router != "hash" else 0
+    n["unembed"] = d * config.vocab_size
+    return n
+
+
+def flops_per_token(config: model_lib.ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token, 6 N_active + 12 L d S (PaLM, Chowdhery et al. 2022, app. B: matmuls
+    forward and backward, attention scores and values without a causal discount)."""
+    return 6 * sum(active_params(config).values()) + 12 * config.n_layers * config.d_model * seq_len
+
+
+class MetricWriter:
+    """Appends {'step', **scalars, **arrays as lists} lines to workdir/metrics.jsonl; writes scalars and
+    array histograms to TensorBoard. Non-finite floats are written as JSON null."""
+
+    def __init__(self, workdir: str):
+        from tensorboardX import SummaryWriter  # imported late: only the trainer needs it
+
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self._tb = SummaryWriter(workdir, flush_secs=30)
+
+    def write(self, step: int, scalars: dict[str, float], arrays: dict[str, np.ndarray] | None = None):
+        arrays = arrays or {}
+        row = {"step": step, **{k: _finite(float(v)) for k, v in scalars.items()}}
+        row.update({k: np.asarray(v).tolist() for k, v in arrays.items()})
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        for k, v in scalars.items():
+            self._tb.add_scalar(k, float(v), step)
+        for k, v in arrays.items():
+            if np.size(v):
+                self._tb.add_histogram(k, np.asarray(v), step)
+
+    def close(self):
+        self._jsonl.close()
+        self._tb.close()
+
+
+def _finite(v: float):
+    return v if math.isfinite(v) else None
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """metrics.jsonl rows; for a step logged twice (a resumed run), the later row wins."""
+    rows = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                rows[(row["step"], tuple(sorted(row)))] = row
+    return sorted(rows.values(), key=lambda r: r["step"])

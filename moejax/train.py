@@ -1,0 +1,323 @@
+"""Train and evaluate a decoder LM from an experiment config: `train_and_evaluate(config, workdir)`.
+
+Loss = cross-entropy (mean over target tokens) + every MoE layer's weighted balance and z losses
+(MoEStats.loss). Optimiser: optax AdamW + clipping with the schedule of config.train (moejax.config).
+The aux-loss-free bias (DeepSeek-V3 sec. 2.1.2) is updated after each optimiser step from that step's
+expert load, outside the gradient. Routing randomness at step s uses fold_in(PRNGKey(seed), s), so a run
+resumed from a checkpoint (parameters, optimiser state, router biases, data iterator state) computes the
+same losses as an uninterrupted one.
+
+Workdir: checkpoints/ (orbax; also the config), metrics.jsonl, TensorBoard events, config.json.
+SIGTERM (preemption) and SIGINT (Ctrl-C) save a checkpoint and return; a non-finite loss stops the run
+before it is checkpointed (the last good checkpoint stays).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from moejax import balance
+from moejax import config as config_lib
+from moejax import metrics as metrics_lib
+from moejax import model as model_lib
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or inf; no checkpoint after the last finite step was written."""
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The workdir holds a checkpoint of a different experiment config."""
+
+
+def lr_schedule(t: config_lib.TrainConfig) -> optax.Schedule:
+    """Linear warmup 0 -> lr over warmup_steps, then the schedule of TrainConfig.schedule."""
+    warm = optax.linear_schedule(0.0, t.lr, max(t.warmup_steps, 1))
+    if t.schedule == "cosine":
+        after = optax.cosine_decay_schedule(t.lr, max(t.steps - t.warmup_steps, 1), t.min_lr_ratio)
+    elif t.schedule == "deepseekmoe":
+        after = optax.piecewise_constant_schedule(
+            t.lr, {int(a * t.steps) - t.warmup_steps: t.decay_factor for a in t.decay_at})
+    else:
+        after = optax.constant_schedule(t.lr)
+    return optax.join_schedules([warm, after], [t.warmup_steps])
+
+
+def optimizer(t: config_lib.TrainConfig) -> optax.GradientTransformation:
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    adamw = optax.adamw(lr_schedule(t), t.b1, t.b2, t.eps, weight_decay=t.weight_decay, mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(t.clip_norm), adamw) if t.clip_norm else adamw
+
+
+@dataclasses.dataclass
+class Trainer:
+    """The model's graph, the optimiser, and jitted train / eval steps over a state pytree
+    {'params': nnx.State of Params, 'rest': other state (router biases), 'opt': optimiser state}."""
+
+    model_config: model_lib.ModelConfig
+    train: config_lib.TrainConfig
+    seed: int
+
+    def __post_init__(self):
+        abstract = nnx.eval_shape(lambda: model_lib.Transformer(self.model_config, rngs=nnx.Rngs(0)))
+        self.graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
+        self.tx = optimizer(self.train)
+        self.moe_layers = [l for l in range(self.model_config.n_layers) if self.model_config.is_moe(l)]
+        self.train_step = jax.jit(self._train_step, donate_argnums=0)
+        self.eval_step = jax.jit(self._eval_step)
+
+    def init(self) -> dict:
+        model = model_lib.Transformer(self.model_config, rngs=nnx.Rngs(params=self.seed))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        return {"params": params, "rest": rest, "opt": self.tx.init(params)}
+
+    def abstract_state(self) -> dict:
+        return jax.eval_shape(self.init)
+
+    def _forward(self, params, rest, batch, key):
+        model = nnx.merge(self.graphdef, params, rest)
+        logits, stats = model(batch["inputs"], batch["positions"], batch["segment_ids"], key)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B, S]
+        return nll, stats
+
+    def _loss(self, params, rest, batch, key, n_targets):
+        """sum(nll * w) / n_targets (n_targets over the whole step) + mean layer losses / micro-batches."""
+        nll, stats = self._forward(params, rest, batch, key)
+        ce = jnp.sum(nll * batch["weights"]) / n_targets
+        aux = sum((s.loss for s in stats), jnp.zeros(())) / self.train.grad_accum
+        return ce + aux, (ce, stats)
+
+    def grads(self, params, rest, batch, step):
+        """Gradient of the step's loss on a global batch [B, S], summed over grad_accum micro-batches of
+        B / grad_accum (cross-entropy normalised by the whole batch's targets). -> (grads, ce [A], stats)."""
+        A = self.train.grad_accum
+        micro = jax.tree.map(lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:]), batch)
+        n_targets = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+        keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(self.seed), step), A)
+        grad_fn = jax.grad(self._loss, has_aux=True)
+
+        def accumulate(grads, xs):
+            mb, key = xs
+            g, (ce, stats) = grad_fn(params, rest, mb, key, n_targets)
+            return jax.tree.map(jnp.add, grads, g), (ce, stats)
+
+        grads, (ce, stats) = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, params), (micro, keys))
+        return grads, ce, stats
+
+    def _train_step(self, state, batch, step):
+        """One optimiser update, then the aux-free bias update from the step's load. -> (state, metrics)."""
+        grads, ce, stats = self.grads(state["params"], state["rest"], batch, step)
+        updates, opt = self.tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        load = [s.load.sum(0) for s in stats]  # per MoE layer [E], summed over micro-batches
+        model = nnx.merge(self.graphdef, params, state["rest"])
+        for layer, l_load in zip(self.moe_layers, load):
+            ffn = model.blocks[layer].ffn
+            if ffn.config.n_experts and ffn.config.aux_free_bias:
+                ffn.update_bias(l_load)
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        layer_loss = lambda name: sum((getattr(s, name).mean() for s in stats), jnp.zeros(()))
+        out = {"loss": jnp.sum(ce) + layer_loss("loss"), "ce_loss": jnp.sum(ce), "lr": lr_schedule(self.train)(step),
+               "grad_norm": optax.tree.norm(grads)}
+        out.update({name: layer_loss(name) for name in ("aux_loss", "device_loss", "seq_loss", "z_loss")})
+        if stats and stats[0].load.shape[-1]:  # per-layer load metrics (MoE layers with routed experts)
+            out["load"] = jnp.stack(load) / jnp.maximum(jnp.stack(load).sum(-1, keepdims=True), 1)  # [L, E]
+            out["max_vio"] = jnp.stack([balance.max_violation(x) for x in load])  # [L]
+            out["dropped"] = jnp.stack([s.dropped.mean() for s in stats])
+            out["entropy"] = jnp.stack([s.entropy.mean() for s in stats])
+        return {"params": params, "rest": rest, "opt": opt}, out
+
+    def _eval_step(self, state, batch):
+        """Sums over the batch: nll of weighted targets, their count, and their UTF-8 bytes."""
+        nll, _ = self._forward(state["params"], state["rest"], batch, None)
+        w = batch["weights"]
+        return jnp.sum(nll * w), jnp.sum(w), jnp.sum(batch["token_bytes"] * w)
+
+    def evaluate(self, state, batches, token_bytes: np.ndarray) -> dict[str, float]:
+        """Validation loss in nats per token and bits per UTF-8 byte over `batches`."""
+        nll = n = n_bytes = 0.0
+        for b in batches:
+            s = self.eval_step(state, {**b, "token_bytes": token_bytes[b["targets"]]})
+            nll, n, n_bytes = nll + float(s[0]), n + float(s[1]), n_bytes + float(s[2])
+        return {"val_loss": nll / max(n, 1), "val_bpb": nll / math.log(2) / max(n_bytes, 1)}
+
+
+class _Signals:
+    """Records SIGTERM / SIGINT instead of dying, so the loop can checkpoint and return."""
+
+    def __init__(self):
+        self.received = None
+
+    def __enter__(self):
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave handlers alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _checkpoint_manager(workdir: str, t: config_lib.TrainConfig) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=t.keep_checkpoints, create=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+
+
+def _restore(mngr, step, trainer, config_dict):
+    """Restore (state, data iterator state) at `step`, refusing a checkpoint of another config."""
+    saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    diff = config_lib.incompatible(saved, config_dict)
+    if diff:
+        raise IncompatibleCheckpointError(
+            f"{mngr.directory} holds a checkpoint (step {step}) of a different config; refusing to resume or "
+            f"overwrite it. Use a new --workdir, or the saved config. Differences: " + "; ".join(diff))
+    abstract = trainer.abstract_state()
+    r = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                   data=ocp.args.JsonRestore()))
+    return r["state"], r["data"]
+
+
+def _save(mngr, step, state, data_state, config_dict):
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+                                            config=ocp.args.JsonSave(config_dict)), force=True)
+
+
+def _host_metrics(window: list[dict]) -> tuple[dict, dict]:
+    """Mean of scalar metrics over a log window; arrays from its last step."""
+    host = jax.device_get(window)
+    scalars = {k: float(np.mean([m[k] for m in host])) for k, v in host[-1].items() if np.ndim(v) == 0}
+    arrays = {k: v for k, v in host[-1].items() if np.ndim(v) > 0}
+    return scalars, arrays
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | None = None) -> dict:
+    """Train config (moejax.config layout) in workdir, resuming from its latest checkpoint.
+
+    Returns a summary {'steps', 'tokens', 'val_loss', 'val_bpb', 'wall_s', 'interrupted'} where
+    interrupted is None or the name of the signal that stopped the run (after checkpointing).
+    """
+    from moejax import data as data_lib  # tfds + grain: only the full training run needs them
+
+    start = time.time()
+    run = config_lib.to_typed(config)
+    config_dict = json.loads(config.to_json()) if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    t = run.train
+    tokenizer = data_lib.get_tokenizer(run.data)
+    trainer = Trainer(run.model_config(tokenizer.vocab_size), t, run.seed)
+    _require_batch(run.data.batch_size, t.grad_accum)
+    train_iter = data_lib.train_iterator(run.data, tokenizer)
+    eval_set = data_lib.eval_batches(run.data, tokenizer)
+    token_bytes = np.asarray(tokenizer.token_bytes, np.float32)
+
+    mngr = _checkpoint_manager(workdir, t)
+    step = mngr.latest_step() or 0
+    if step:
+        state, data_state = _restore(mngr, step, trainer, config_dict)
+        train_iter.set_state(data_state)
+        print(f"resumed from step {step} in {mngr.directory}")
+    else:
+        state = trainer.init()
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(config_dict, f, indent=1)
+
+    writer = metrics_lib.MetricWriter(workdir)
+    tokens_per_step = run.data.batch_size * run.data.seq_len
+    flops = metrics_lib.flops_per_token(trainer.model_config, run.data.seq_len)
+    devices = jax.devices()
+    peak = (t.peak_flops or metrics_lib.peak_flops(devices[0].device_kind)) * len(devices)
+    bar = _progress(step, t.steps, progress)
+    window, last_ok, summary = [], step, {"interrupted": None}
+    window_start, timed = time.time(), -1  # steps timed for tokens/s; -1: the first (compiling) step
+    try:
+        with _Signals() as signals:
+            while step < t.steps and signals.received is None:
+                batch = {k: jnp.asarray(v) for k, v in next(train_iter).items()}
+                state, m = trainer.train_step(state, batch, jnp.asarray(step, jnp.int32))
+                step += 1
+                window.append(m)
+                timed += 1
+                if timed == 0:  # the first step compiles: keep it out of tokens/s
+                    jax.block_until_ready(m)
+                    window_start = time.time()
+                log_now = step % t.log_every == 0 or step == t.steps
+                save_now = step % t.checkpoint_every == 0 or step == t.steps
+                if log_now or save_now or signals.received:
+                    _check_finite(window, step, last_ok, mngr)
+                if log_now:
+                    scalars, arrays = _host_metrics(window)
+                    dt = time.time() - window_start
+                    if timed > 0:
+                        scalars["tokens_per_s"] = timed * tokens_per_step / dt
+                        if peak:
+                            scalars["mfu"] = scalars["tokens_per_s"] * flops / peak
+                        bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{scalars['tokens_per_s']:.0f}")
+                    writer.write(step, scalars, arrays)
+                    window, window_start, timed = [], time.time(), 0
+                if step % t.eval_every == 0 or step == t.steps:
+                    ev = trainer.evaluate(state, eval_set, token_bytes)
+                    writer.write(step, ev)
+                    summary.update(ev)
+                    bar.write(f"step {step}: val_loss {ev['val_loss']:.4f} nats/token, {ev['val_bpb']:.4f} bits/byte")
+                    window_start, timed = time.time(), 0  # eval time does not count against tokens/s
+                if save_now or signals.received:
+                    _save(mngr, step, state, train_iter.get_state(), config_dict)
+                    last_ok = step
+                bar.update(1)
+            summary["interrupted"] = signals.received and signals.received.name
+            if not summary["interrupted"] and "val_loss" not in summary:  # resumed a finished run
+                summary.update(trainer.evaluate(state, eval_set, token_bytes))
+    finally:
+        mngr.wait_until_finished()
+        mngr.close()
+        writer.close()
+        bar.close()
+    wall = time.time() - start
+    summary.update(steps=step, tokens=step * tokens_per_step, wall_s=wall)
+    val = f"{summary['val_loss']:.4f} nats/token ({summary['val_bpb']:.4f} bits/byte)" if "val_loss" in summary \
+        else "not evaluated"
+    stop = f"stopped by {summary['interrupted']} (checkpoint saved), " if summary["interrupted"] else ""
+    print(f"{stop}{step} steps, {step * tokens_per_step:,} tokens, final val loss {val}, {wall:.0f} s wall")
+    return summary
+
+
+def _require_batch(batch_size: int, grad_accum: int) -> None:
+    if batch_size % (grad_accum * jax.process_count()):
+        raise ValueError(f"TrainConfig.grad_accum={grad_accum} is invalid; allowed: a divisor of "
+                         f"data.batch_size={batch_size} / process_count={jax.process_count()}")
+
+
+def _check_finite(window: list[dict], step: int, last_ok: int, mngr) -> None:
+    losses = [float(m["loss"]) for m in jax.device_get(window)]
+    for i, loss in enumerate(losses):
+        if not math.isfinite(loss):
+            bad = step - len(losses) + i + 1
+            raise NonFiniteLossError(
+                f"training loss is {loss} at step {bad}; stopped. The last good checkpoint is step {last_ok} in "
+                f"{mngr.directory} (lower train.lr or raise train.warmup_steps, then resume or start anew)")
+
+
+def _progress(step: int, total: int, enable: bool | None):
+    from tqdm import tqdm  # progress bar on the terminal; auto-disabled when stderr is not a terminal
+
+    return tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=None if enable is None
+                else not enable)

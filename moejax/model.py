@@ -34,6 +34,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     tie_embeddings: bool = True
     dtype: str = "float32"
+    init_std: float = 0.0  # > 0: every weight N(0, init_std) (DeepSeekMoE: 0.006); 0: fan-in, embeddings N(0, 1)
 
     def __post_init__(self):
         req = moe_lib.require_for("ModelConfig")
@@ -46,6 +47,7 @@ class ModelConfig:
             f"0 <= first_k_dense <= n_layers={self.n_layers}")
         req(self.dense_d_ff >= 0, "dense_d_ff", self.dense_d_ff, "an integer >= 0 (0 = moe.d_ff)")
         req(self.rope_base > 0, "rope_base", self.rope_base, "> 0")
+        req(self.init_std >= 0, "init_std", self.init_std, ">= 0 (0 = fan-in scaled)")
         req(self.dtype in ("float32", "bfloat16"), "dtype", self.dtype, "('float32', 'bfloat16')")
 
     def is_moe(self, layer: int) -> bool:
@@ -84,10 +86,10 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 class Attention(nnx.Module):
     """Causal multi-head self-attention with rotary positions; softmax in float32."""
 
-    def __init__(self, d: int, n_heads: int, rope_base: float, *, rngs: nnx.Rngs):
-        init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2, 3))
+    def __init__(self, d: int, n_heads: int, rope_base: float, *, rngs: nnx.Rngs, init_std: float = 0.0):
+        init = moe_lib.initializer(init_std, in_axis=0, out_axis=(1, 2, 3))
         self.wqkv = nnx.Param(init(rngs.params(), (d, 3, n_heads, d // n_heads), jnp.float32))  # [d, 3, H, h]
-        out_init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
+        out_init = moe_lib.initializer(init_std, in_axis=(0, 1), out_axis=2)
         self.wo = nnx.Param(out_init(rngs.params(), (n_heads, d // n_heads, d), jnp.float32))  # [H, h, d]
         self.rope_base = rope_base
 
@@ -109,9 +111,9 @@ class Block(nnx.Module):
 
     def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(config.d_model)
-        self.attn = Attention(config.d_model, config.n_heads, config.rope_base, rngs=rngs)
+        self.attn = Attention(config.d_model, config.n_heads, config.rope_base, rngs=rngs, init_std=config.init_std)
         self.ffn_norm = RMSNorm(config.d_model)
-        self.ffn = moe_lib.MoE(config.ffn_config(layer), rngs=rngs)
+        self.ffn = moe_lib.MoE(config.ffn_config(layer), rngs=rngs, init_std=config.init_std)
 
     def __call__(self, x, positions, segment_ids, token_ids, key):
         x = x + self.attn(self.attn_norm(x), positions, segment_ids)
@@ -125,11 +127,12 @@ class Transformer(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.embed = nnx.Param(jax.random.normal(rngs.params(), (config.vocab_size, config.d_model), jnp.float32))
+        self.embed = nnx.Param((config.init_std or 1.0) * jax.random.normal(
+            rngs.params(), (config.vocab_size, config.d_model), jnp.float32))
         self.blocks = nnx.List([Block(config, l, rngs=rngs) for l in range(config.n_layers)])
         self.final_norm = RMSNorm(config.d_model)
         if not config.tie_embeddings:
-            init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+            init = moe_lib.initializer(config.init_std, in_axis=0, out_axis=1)
             self.unembed = nnx.Param(init(rngs.params(), (config.d_model, config.vocab_size), jnp.float32))
 
     def __call__(self, tokens, positions=None, segment_ids=None, key=None):

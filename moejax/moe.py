@@ -247,37 +247,44 @@ class MoEStats:
     entropy: jax.Array
 
 
-def _param(rngs, shape, fan_in_axis, batch_axis, dtype) -> nnx.Param:
-    """Truncated normal with variance 1 / fan_in (fan_in = shape[fan_in_axis], per expert)."""
-    out_axis = tuple(i for i in range(len(shape)) if i != fan_in_axis and i not in batch_axis)
-    init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=fan_in_axis,
+def initializer(std: float, in_axis, out_axis, batch_axis=()):
+    """N(0, std) if std > 0, else truncated normal with variance 1 / fan_in (fan_in over in_axis)."""
+    if std > 0:
+        return jax.nn.initializers.normal(std)
+    return jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axis,
                                                 out_axis=out_axis, batch_axis=batch_axis)
-    return nnx.Param(init(rngs.params(), shape, dtype))
 
 
-def _ffn_params(d_model, width, n, activation, rngs, param_dtype) -> nnx.Dict:
+def _param(rngs, shape, fan_in_axis, batch_axis, dtype, std: float = 0.0) -> nnx.Param:
+    """`initializer` with fan_in = shape[fan_in_axis] (per expert: batch_axis are independent)."""
+    out_axis = tuple(i for i in range(len(shape)) if i != fan_in_axis and i not in batch_axis)
+    return nnx.Param(initializer(std, fan_in_axis, out_axis, batch_axis)(rngs.params(), shape, dtype))
+
+
+def _ffn_params(d_model, width, n, activation, rngs, param_dtype, std=0.0) -> nnx.Dict:
     """FFN weights w_in [(n,) d, n_in, f] and w_down [(n,) f, d]: n stacked experts, or dense if n is None."""
     lead = () if n is None else (n,)
     batch = tuple(range(len(lead)))
     return nnx.Dict(
-        w_in=_param(rngs, lead + (d_model, experts.n_in(activation), width), len(lead), batch, param_dtype),
-        w_down=_param(rngs, lead + (width, d_model), len(lead), batch, param_dtype),
+        w_in=_param(rngs, lead + (d_model, experts.n_in(activation), width), len(lead), batch, param_dtype, std),
+        w_down=_param(rngs, lead + (width, d_model), len(lead), batch, param_dtype, std),
     )
 
 
 class MoE(nnx.Module):
     """MoE FFN layer. __call__(x [B, S, d], token_ids [B, S] (hash router), key (train randomness))
-    -> (y [B, S, d], MoEStats). Router math in float32; expert matmuls in x's dtype."""
+    -> (y [B, S, d], MoEStats). Router math in float32; expert matmuls in x's dtype.
+    Weights start N(0, init_std) if init_std > 0 (DeepSeekMoE sec. 4.1.2 uses 0.006), else fan-in scaled."""
 
-    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, init_std: float = 0.0):
         c = self.config = config
         f = c.expert_width
         if c.n_shared:
-            self.shared = _ffn_params(c.d_model, c.n_shared * f, None, c.activation, rngs, param_dtype)
+            self.shared = _ffn_params(c.d_model, c.n_shared * f, None, c.activation, rngs, param_dtype, init_std)
         if c.n_experts:
             if c.router != "hash":
-                self.router = _param(rngs, (c.d_model, c.n_experts), 0, (), jnp.float32)
-            self.experts = _ffn_params(c.d_model, f, c.n_experts, c.activation, rngs, param_dtype)
+                self.router = _param(rngs, (c.d_model, c.n_experts), 0, (), jnp.float32, init_std)
+            self.experts = _ffn_params(c.d_model, f, c.n_experts, c.activation, rngs, param_dtype, init_std)
             if c.aux_free_bias:
                 self.bias = RouterBias(jnp.zeros((c.n_experts,), jnp.float32))
 

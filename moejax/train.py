@@ -43,6 +43,10 @@ class IncompatibleCheckpointError(ValueError):
     """The workdir holds a checkpoint of a different experiment config."""
 
 
+class CorruptCheckpointError(ValueError):
+    """The latest checkpoint in the workdir cannot be read."""
+
+
 def lr_schedule(t: config_lib.TrainConfig) -> optax.Schedule:
     """Linear warmup 0 -> lr over warmup_steps, then the schedule of TrainConfig.schedule."""
     warm = optax.linear_schedule(0.0, t.lr, max(t.warmup_steps, 1))
@@ -185,15 +189,21 @@ def _checkpoint_manager(workdir: str, t: config_lib.TrainConfig) -> ocp.Checkpoi
 
 def _restore(mngr, step, trainer, config_dict):
     """Restore (state, data iterator state) at `step`, refusing a checkpoint of another config."""
-    saved = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    diff = config_lib.incompatible(saved, config_dict)
+    def read(**args):
+        try:
+            return mngr.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # orbax raises many types for missing or truncated files
+            raise CorruptCheckpointError(
+                f"checkpoint step {step} in {mngr.directory} cannot be read ({type(e).__name__}: {e}). Nothing was "
+                f"changed. Move {os.path.join(str(mngr.directory), str(step))} aside to resume from the previous "
+                f"checkpoint (saved steps: {list(mngr.all_steps())}), or use a new --workdir.") from e
+
+    diff = config_lib.incompatible(read(config=ocp.args.JsonRestore())["config"], config_dict)
     if diff:
         raise IncompatibleCheckpointError(
             f"{mngr.directory} holds a checkpoint (step {step}) of a different config; refusing to resume or "
             f"overwrite it. Use a new --workdir, or the saved config. Differences: " + "; ".join(diff))
-    abstract = trainer.abstract_state()
-    r = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                   data=ocp.args.JsonRestore()))
+    r = read(state=ocp.args.StandardRestore(trainer.abstract_state()), data=ocp.args.JsonRestore())
     return r["state"], r["data"]
 
 

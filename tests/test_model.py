@@ -101,6 +101,22 @@ def test_untied_embeddings_and_hash_router_get_token_ids():
     assert float(stats[0].load.sum()) == 2 * 12
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_init_std_sets_every_weight_and_starts_at_uniform_loss(tie):
+    """init_std > 0: every weight (not norm scales) ~ N(0, init_std) (DeepSeekMoE sec. 4.1.2); logits start
+    near 0, so the loss starts at ln V (with fan-in init and tied N(0, 1) embeddings it starts far above)."""
+    m = make(init_std=0.02, tie_embeddings=tie)
+    for path, p in nnx.to_flat_state(nnx.state(m, nnx.Param)):
+        if "scale" not in path:
+            assert abs(float(jnp.std(p[...])) / 0.02 - 1) < 0.25 and abs(float(jnp.mean(p[...]))) < 0.01, path
+    toks = tokens(B=4, S=32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(m(toks)[0][:, :-1], toks[:, 1:]).mean()
+    assert abs(float(loss) - np.log(V)) < 0.05
+    fan_in = make(tie_embeddings=tie)
+    loss0 = optax.softmax_cross_entropy_with_integer_labels(fan_in(toks)[0][:, :-1], toks[:, 1:]).mean()
+    assert float(loss0) > np.log(V) + 0.1
+
+
 def test_a_few_adam_steps_lower_the_loss():
     m = make(n_layers=2)
     graphdef, params, rest = nnx.split(m, nnx.Param, ...)
@@ -137,6 +153,7 @@ INVALID = {
     "dense_d_ff_negative": (dict(dense_d_ff=-1), "dense_d_ff", "-1"),
     "rope_base_zero": (dict(rope_base=0.0), "rope_base", "0.0"),
     "unknown_dtype": (dict(dtype="float16"), "dtype", "'float16'"),
+    "init_std_negative": (dict(init_std=-0.1), "init_std", "-0.1"),
 }
 
 

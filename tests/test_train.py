@@ -268,6 +268,21 @@ def test_incompatible_checkpoint_is_refused_and_kept(corpus, tmp_path):
     assert train.train_and_evaluate(more, str(w))["steps"] == 4
 
 
+def test_corrupt_checkpoint_is_reported_and_kept(corpus, tmp_path):
+    w = tmp_path / "w"
+    c = tiny(corpus, tmp_path, method="hash", steps=4, checkpoint_every=2)
+    train.train_and_evaluate(c, str(w))
+    data_files = [p for p in (w / "checkpoints" / "4" / "state").rglob("*") if p.is_file() and p.stat().st_size > 100]
+    for p in data_files:
+        p.write_bytes(b"\0" * 64)  # truncated to garbage
+    before = {p: p.read_bytes() for p in w.rglob("*") if p.is_file() and "checkpoints" in str(p)}
+    with pytest.raises(train.CorruptCheckpointError, match=r"checkpoint step 4 .* cannot be read.*saved steps: \[2, 4\]"):
+        train.train_and_evaluate(c, str(w))
+    assert {p: p.read_bytes() for p in w.rglob("*") if p.is_file() and "checkpoints" in str(p)} == before
+    shutil.move(w / "checkpoints" / "4", tmp_path / "step4_corrupt")  # as the message says
+    assert train.train_and_evaluate(c, str(w))["steps"] == 4
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
     c = tiny(corpus, tmp_path, method="dense", steps=8, lr=1e30, warmup_steps=0, clip_norm=0.0, checkpoint_every=1,
              log_every=4)

@@ -26,17 +26,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from experiments.benchmarks import common
 from moejax import moe
 
 MiB = 2.0 ** 20
@@ -238,18 +235,12 @@ def main(argv=None) -> None:
                    help="compile but do not run steps needing more temp memory (default: half of MemAvailable)")
     args = p.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 7)
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ()
-    print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-          f"{platform.machine()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, load average {load}, "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')!r}", flush=True)
+    print(common.machine_line(), flush=True)
     rows = run(args.quick, repeats, args.max_run_gib, log=lambda s: print(s, flush=True))
     print()
     print(table(rows))
     if args.json:
-        with open(args.json, "w") as fh:
-            nan_to_null = lambda v: None if isinstance(v, float) and v != v else v
-            json.dump([{k: nan_to_null(v) for k, v in r.items()} for r in rows], fh, indent=1)  # strict JSON
-        print(f"wrote {len(rows)} rows to {args.json}")
+        common.write_json(args.json, rows)
 
 
 if __name__ == "__main__":

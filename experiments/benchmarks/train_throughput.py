@@ -43,18 +43,16 @@ import argparse
 import dataclasses
 import functools
 import importlib.util
-import json
 import os
 import pathlib
-import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.benchmarks import common
 from moejax import config as config_lib
 from moejax import metrics
 from moejax import model as model_lib
@@ -262,20 +260,14 @@ def main(argv=None) -> None:
             raise SystemExit(f"--scales: {name!r} is invalid; allowed: tiny, small")
     methods = tuple(m for m in args.methods.split(",") if m)
     rows_for(methods)  # validate before compiling anything
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ()
-    print(f"jax {jax.__version__} on {jax.default_backend()} ({jax.devices()[0].device_kind}), "
-          f"{platform.machine()}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}, load average {load}, "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS')!r}, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')!r}", flush=True)
+    print(common.machine_line(), flush=True)
     t0 = time.perf_counter()
     rows = run(args.quick, args.repeats, names, methods, log=lambda s: print(s, flush=True))
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
     print(f"\n{time.perf_counter() - t0:.0f} s; load average at the end {load}\n")
     print(table(rows))
     if args.json:
-        with open(args.json, "w") as fh:
-            nan_to_null = lambda v: None if isinstance(v, float) and v != v else v
-            json.dump([{k: nan_to_null(v) for k, v in r.items()} for r in rows], fh, indent=1)  # strict JSON
-        print(f"wrote {len(rows)} rows to {args.json}")
+        common.write_json(args.json, rows)
 
 
 if __name__ == "__main__":

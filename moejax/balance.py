@@ -30,16 +30,19 @@ def expert_balance_loss(probs: jax.Array, expert_ids: jax.Array, mask: jax.Array
 
 
 def device_balance_loss(
-    probs: jax.Array, expert_ids: jax.Array, n_devices: int, mask: jax.Array | None = None
+    probs: jax.Array, expert_ids: jax.Array, n_devices: int, mask: jax.Array | None = None, n_slots: int | None = None
 ) -> jax.Array:
-    """Device-level balance loss, DeepSeekMoE eq. 14-15: experts are placed in D contiguous groups of
-    E/D; f'_d = mean of f_i over group d, P'_d = sum of P_i over group d; loss = sum_d f'_d P'_d."""
+    """Device-level balance loss, DeepSeekMoE eq. 14-15: expert slots are placed on D devices in contiguous
+    groups of n_slots / D (n_slots >= E: moejax.moe.MoEConfig.pad_experts_to; default E), so device d holds
+    the experts E_d = [d n_slots / D, (d + 1) n_slots / D) that exist; f'_d = mean of f_i over E_d,
+    P'_d = sum of P_i over E_d; loss = sum_d f'_d P'_d."""
     T, E = probs.shape
     K = expert_ids.shape[-1]
     f = expert_counts(expert_ids, E, mask) * (E / (K * T))
     P = probs.astype(jnp.float32).mean(0)
-    f_dev = f.reshape(n_devices, E // n_devices).mean(-1)  # [D]
-    P_dev = P.reshape(n_devices, E // n_devices).sum(-1)  # [D]
+    device = jnp.arange(E) // ((n_slots or E) // n_devices)  # [E] device of each expert
+    f_dev = jax.ops.segment_sum(f, device, n_devices) / jnp.maximum(jnp.bincount(device, length=n_devices), 1)
+    P_dev = jax.ops.segment_sum(P, device, n_devices)  # [D]
     return jnp.sum(jax.lax.stop_gradient(f_dev) * P_dev)
 
 

@@ -1,11 +1,14 @@
 """Experiment ConfigDict (configs/*.py) -> typed, validated configs; the only place that reads it.
 
-An experiment config has four parts, each checked key by key (an unknown key is a ValueError naming the
+An experiment config has these parts, each checked key by key (an unknown key is a ValueError naming the
 nearest valid key):
-  config.model       ModelConfig fields but vocab_size and max_len (those come from the tokenizer and
-                     config.data.seq_len); config.model.moe holds MoEConfig fields but d_model.
+  config.model       ModelConfig fields but max_len (config.data.seq_len); vocab_size 0 takes the
+                     tokenizer's (a larger value pads the embedding, e.g. DeepSeekMoE 16B's 102400);
+                     config.model.moe holds MoEConfig fields but d_model.
   config.data        moejax.data.DataConfig fields.
   config.train       TrainConfig fields (optimiser, schedule, loop).
+  config.mesh        moejax.sharding.MeshConfig: devices along data, fsdp, expert, tensor (default: all
+                     devices on data); a resumed run may change it (the checkpoint is resharded).
   config.seed        seeds parameter init and routing randomness (step s uses fold_in(seed, s));
                      data order has its own seed, config.data.shuffle_seed.
 """
@@ -19,6 +22,7 @@ import ml_collections
 
 from moejax import model as model_lib
 from moejax import moe as moe_lib
+from moejax import sharding
 
 _require = moe_lib.require_for("TrainConfig")
 SCHEDULES = ("deepseekmoe", "cosine", "constant")
@@ -74,23 +78,31 @@ class TrainConfig:
 
 # Keys of config.train / config.data a resumed run may change (they do not change what is computed).
 RUN_CONTROL = ("train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-               "train.peak_flops", "data.worker_count", "data.eval_steps")
+               "train.peak_flops", "data.worker_count", "data.eval_steps", "mesh.data", "mesh.fsdp", "mesh.expert",
+               "mesh.tensor")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """The typed experiment: model (vocab_size filled in by the tokenizer), data, train, seed."""
+    """The typed experiment: model (vocab_size filled in by the tokenizer), data, train, seed, mesh."""
 
     model: dict  # ModelConfig kwargs but vocab_size, with moe a MoEConfig
     data: Any  # moejax.data.DataConfig
     train: TrainConfig
     seed: int
+    mesh: sharding.MeshConfig = sharding.MeshConfig()
+    vocab_size: int = 0  # config.model.vocab_size: 0 = the tokenizer's
 
-    def model_config(self, vocab_size: int) -> model_lib.ModelConfig:
-        return model_lib.ModelConfig(vocab_size=vocab_size, max_len=self.data.seq_len, **self.model)
+    def model_config(self, tokenizer_vocab: int) -> model_lib.ModelConfig:
+        """The ModelConfig for a tokenizer of `tokenizer_vocab` ids."""
+        if self.vocab_size and self.vocab_size < tokenizer_vocab:
+            raise ValueError(f"config.model.vocab_size={self.vocab_size} is invalid; allowed: 0 (the tokenizer's) or "
+                             f">= the tokenizer's vocabulary of {tokenizer_vocab}")
+        return model_lib.ModelConfig(vocab_size=self.vocab_size or tokenizer_vocab, max_len=self.data.seq_len,
+                                     **self.model)
 
 
-def experiment(model: dict, moe: moe_lib.MoEConfig, data: dict, train: dict, seed: int = 0
+def experiment(model: dict, moe: moe_lib.MoEConfig, data: dict, train: dict, seed: int = 0, mesh: dict | None = None
                ) -> ml_collections.ConfigDict:
     """An experiment ConfigDict holding every field of the typed configs (defaults filled in), so that
     any of them can be overridden on the command line (--config.train.lr=...)."""
@@ -98,6 +110,7 @@ def experiment(model: dict, moe: moe_lib.MoEConfig, data: dict, train: dict, see
 
     model_defaults = {f.name: f.default for f in dataclasses.fields(model_lib.ModelConfig)
                       if f.name not in ("vocab_size", "max_len", "moe") and f.default is not dataclasses.MISSING}
+    model_defaults["vocab_size"] = 0
     check_keys(model, set(model_defaults) | {"d_model", "n_layers", "n_heads"}, "model")
     moe_dict = {k: v for k, v in dataclasses.asdict(moe).items() if k != "d_model"}
     c = ml_collections.ConfigDict()
@@ -105,6 +118,7 @@ def experiment(model: dict, moe: moe_lib.MoEConfig, data: dict, train: dict, see
     c.data = {**dataclasses.asdict(data_lib.DataConfig()), **_checked(data, data_lib.DataConfig, "data")}
     c.train = {**dataclasses.asdict(TrainConfig()), **_checked(train, TrainConfig, "train")}
     c.seed = seed
+    c.mesh = {**dataclasses.asdict(sharding.MeshConfig()), **_checked(mesh or {}, sharding.MeshConfig, "mesh")}
     return c
 
 
@@ -154,19 +168,24 @@ def to_typed(config: ml_collections.ConfigDict) -> RunConfig:
     from moejax import data as data_lib  # data imports tfds/grain: keep `import moejax.config` light
 
     c = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-    check_keys(c, ("model", "data", "train", "seed"), "config")
+    check_keys(c, ("model", "data", "train", "seed", "mesh"), "config")
     for part in ("model", "data", "train"):
         if part not in c:
             raise ValueError(f"config.{part} is missing; an experiment config has model, data, train and seed")
     m = dict(c["model"])
-    model_keys = _fields(model_lib.ModelConfig, ("vocab_size", "max_len"))
+    model_keys = _fields(model_lib.ModelConfig, ("max_len",))
     check_keys(m, model_keys, "config.model")
+    vocab = m.pop("vocab_size", 0)
+    if not (isinstance(vocab, int) and vocab >= 0):
+        raise ValueError(f"config.model.vocab_size={vocab!r} is invalid; allowed: 0 (the tokenizer's) or an integer >= "
+                         f"the tokenizer's vocabulary")
     if "moe" not in m:
         raise ValueError("config.model.moe is missing; give MoEConfig fields (n_experts=0, n_shared=1 for dense)")
     m["moe"] = _build(moe_lib.MoEConfig, m["moe"], "config.model.moe", ("d_model",), d_model=m.get("d_model", 0))
     model_lib.ModelConfig(vocab_size=1, **m)  # validate now, before any data is read
     return RunConfig(model=m, data=_build(data_lib.DataConfig, c["data"], "config.data"),
-                     train=_build(TrainConfig, c["train"], "config.train"), seed=int(c.get("seed", 0)))
+                     train=_build(TrainConfig, c["train"], "config.train"), seed=int(c.get("seed", 0)),
+                     mesh=_build(sharding.MeshConfig, c.get("mesh", {}), "config.mesh"), vocab_size=vocab)
 
 
 def incompatible(saved: dict, current: dict) -> list[str]:

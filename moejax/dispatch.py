@@ -114,6 +114,22 @@ def capacity_plan(
     return _plan(perm, dest, M, T, K, layout)
 
 
+def padded_layout(counts: jax.Array, n_rows: int, block: int) -> tuple[jax.Array, Layout]:
+    """Experts' runs of counts [E] rows, each padded to a multiple of `block`, packed from row 0 of a buffer
+    of n_rows rows (a multiple of block). -> (start [E] of each expert's run, Layout of the buffer)."""
+    E = counts.shape[0]
+    padded = (counts + block - 1) // block * block  # [E]
+    start = jnp.cumsum(padded) - padded
+    block_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(n_rows // block) * block, side="right")
+    layout = Layout(
+        group_sizes=padded.astype(jnp.int32),
+        block_expert=jnp.minimum(block_expert, E - 1).astype(jnp.int32),
+        block=block,
+        per_expert=False,
+    )
+    return start.astype(jnp.int32), layout
+
+
 def dropless_plan(expert_ids: jax.Array, mask: jax.Array, n_experts: int, block: int = 1) -> Plan:
     """Dropless dispatch: every unmasked assignment gets a row, experts' runs padded to `block` rows.
 
@@ -122,18 +138,9 @@ def dropless_plan(expert_ids: jax.Array, mask: jax.Array, n_experts: int, block:
     """
     T, K = expert_ids.shape
     perm, sorted_ids, rank, counts = _sorted_assignments(expert_ids, mask, n_experts, None)
-    padded = (counts + block - 1) // block * block  # [E]
-    pstart = jnp.concatenate([jnp.cumsum(padded) - padded, jnp.array([padded.sum()])])
-    G = (T * K + n_experts * (block - 1)) // block
-    M = G * block
-    dest = jnp.where(sorted_ids < n_experts, pstart[sorted_ids] + rank, M)
-    block_expert = jnp.searchsorted(jnp.cumsum(padded), jnp.arange(G) * block, side="right")
-    layout = Layout(
-        group_sizes=padded.astype(jnp.int32),
-        block_expert=jnp.minimum(block_expert, n_experts - 1).astype(jnp.int32),
-        block=block,
-        per_expert=False,
-    )
+    M = (T * K + n_experts * (block - 1)) // block * block
+    start, layout = padded_layout(counts, M, block)
+    dest = jnp.where(sorted_ids < n_experts, start[jnp.minimum(sorted_ids, n_experts - 1)] + rank, M)
     return _plan(perm, dest, M, T, K, layout)
 
 
@@ -146,11 +153,15 @@ def auto_block(n_assignments: int, n_experts: int, max_block: int = 256) -> int:
     return min(max_block, 1 << (mean_load.bit_length() - 1))
 
 
+def dropped_count(plan: Plan, mask: jax.Array) -> jax.Array:
+    """Number of the router's (unmasked) token-expert assignments that got no buffer row. mask: [T, K]."""
+    M = plan.row_token.shape[0]
+    return jnp.sum((plan.slot == M) & mask.T)
+
+
 def dropped_fraction(plan: Plan, mask: jax.Array) -> jax.Array:
     """Fraction of the router's (unmasked) token-expert assignments that got no buffer row."""
-    M = plan.row_token.shape[0]
-    dropped = (plan.slot == M) & mask.T
-    return dropped.sum() / jnp.maximum(mask.sum(), 1)
+    return dropped_count(plan, mask) / jnp.maximum(mask.sum(), 1)
 
 
 def _take(x, idx):
@@ -230,3 +241,112 @@ def combine_expert_choice(y: jax.Array, weights: jax.Array, token_ids: jax.Array
     w = weights.reshape(-1, 1).astype(jnp.float32)
     out = jax.ops.segment_sum(y.astype(jnp.float32) * w, token_ids.reshape(-1), n_tokens)
     return out.astype(y.dtype)
+
+
+# ----- expert parallelism: rows to the devices that hold their experts, and back -------------------------
+# Inside a shard_map over the expert axis of D devices, device j holds experts [j E/D, (j + 1) E/D) (the
+# contiguous placement of a P('expert') split of the leading E axis). Capacity buffers [b, E, C, d] move
+# with a fixed-size all_to_all (moejax.moe). Dropless buffers are ragged: each device's rows are sorted by
+# expert (dropless_plan with block=1), and `Exchange` says where every expert's slice goes.
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Exchange:
+    """Where the rows of a dropless expert-parallel exchange go, on one device of the expert axis.
+
+    send_start, counts: [E] this device's run of rows for expert e (start, size) in its sorted buffer.
+    dest_start: [E] where that run lands in the buffer of the device holding e.
+    recv_start, recv_counts: [D, E/D] where (start, size) the run from device j for local expert s lands here.
+    back_start: [D, E/D] start of local expert s's run in device j's sorted buffer (for the way back).
+    layout: the received buffer, runs grouped by local expert (sources in device order), padded to blocks.
+    """
+
+    send_start: jax.Array
+    counts: jax.Array
+    dest_start: jax.Array
+    recv_start: jax.Array
+    recv_counts: jax.Array
+    back_start: jax.Array
+    layout: Layout
+    axis: str = dataclasses.field(metadata=dict(static=True))
+
+
+def exchange_plan(counts: jax.Array, axis: str, n_devices: int, n_send: int, block: int = 1) -> Exchange:
+    """The exchange of a sorted buffer of n_send rows with counts [E] rows per expert (call inside a
+    shard_map over `axis`, size n_devices). The received buffer holds D n_send + E/D (block - 1) rows,
+    rounded up to `block`: every row of every device could be for this device's experts (dropless)."""
+    E, D = counts.shape[0], n_devices
+    El = E // D
+    all_counts = jax.lax.all_gather(counts, axis)  # [D, E]: rows device j sends to expert e
+    me = jax.lax.axis_index(axis)
+    starts = jnp.cumsum(all_counts, 1) - all_counts  # [D, E] expert runs in each device's sorted buffer
+    before = jnp.cumsum(all_counts, 0) - all_counts  # [D, E] rows devices < j send to expert e
+    totals = all_counts.sum(0)  # [E] rows each expert receives
+    padded = ((totals + block - 1) // block * block).reshape(D, El)
+    expert_start = (jnp.cumsum(padded, 1) - padded).reshape(E)  # [E] run start in its owner's buffer
+    n_recv = -(-(D * n_send + El * (block - 1)) // block) * block
+    local = lambda a: jax.lax.dynamic_slice_in_dim(a, me * El, El, axis=a.ndim - 1)
+    recv_counts = local(all_counts)  # [D, El]
+    start, layout = padded_layout(recv_counts.sum(0), n_recv, block)
+    return Exchange(
+        send_start=starts[me],
+        counts=counts,
+        dest_start=expert_start + before[me],
+        recv_start=(start[None, :] + local(before)).astype(jnp.int32),
+        recv_counts=recv_counts,
+        back_start=local(starts),
+        layout=layout,
+        axis=axis,
+    )
+
+
+def exchange(rows: jax.Array, ex: Exchange, ragged_all_to_all) -> jax.Array:
+    """Sorted rows [n_send, d] -> rows of this device's experts [n_recv, d], grouped by local expert."""
+    out = jnp.zeros((ex.layout.block_expert.shape[0] * ex.layout.block, rows.shape[1]), rows.dtype)
+    return ragged_all_to_all(rows, out, ex.send_start, ex.counts, ex.dest_start, ex.recv_counts.reshape(-1),
+                             axis_name=ex.axis)
+
+
+def exchange_back(ys: jax.Array, ex: Exchange, n_send: int, ragged_all_to_all) -> jax.Array:
+    """The inverse of `exchange`: expert outputs [n_recv, d] back to their senders' sorted rows [n_send, d]."""
+    out = jnp.zeros((n_send, ys.shape[1]), ys.dtype)
+    return ragged_all_to_all(ys, out, ex.recv_start.reshape(-1), ex.recv_counts.reshape(-1),
+                             ex.back_start.reshape(-1), ex.counts, axis_name=ex.axis)
+
+
+def dense_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
+                            axis_name: str):
+    """jax.lax.ragged_all_to_all's result through a dense all_to_all, for platforms without the ragged
+    collective (XLA:CPU). Every device sends each peer a padded chunk of operand.shape[0] rows (the most it
+    could send one peer), so it moves D times the bytes; same arguments and result (recv_sizes unused)."""
+    del recv_sizes
+    D = jax.lax.psum(1, axis_name)
+    L = operand.shape[0]
+    sizes = send_sizes.reshape(D, -1)  # [D, slices per device]
+    pos = jnp.cumsum(sizes, 1) - sizes  # slice start inside its peer's chunk
+    r = jnp.arange(L)
+
+    def locate(ends, r):  # slice of each chunk row (n_slices if past the last)
+        return jnp.searchsorted(ends, r, side="right")
+
+    sl = jax.vmap(locate, (0, None))(jnp.cumsum(sizes, 1), r)  # [D, L]
+    n = sizes.shape[1]
+    slc = jnp.minimum(sl, n - 1)
+    src = jnp.take_along_axis(input_offsets.reshape(D, n), slc, 1) + r - jnp.take_along_axis(pos, slc, 1)
+    chunks = _take(operand, jnp.where(sl < n, src, L).reshape(-1)).reshape(D, L, -1)
+    a2a = lambda a: jax.lax.all_to_all(a, axis_name, 0, 0, tiled=True)
+    recv, r_sizes, r_pos, r_out = a2a(chunks), a2a(sizes), a2a(pos), a2a(output_offsets.reshape(D, n))
+    sl = jax.vmap(locate, (0, None))(jnp.cumsum(r_sizes, 1), r)  # [D, L] slice of each received row
+    slc = jnp.minimum(sl, n - 1)
+    dest = jnp.take_along_axis(r_out, slc, 1) + r - jnp.take_along_axis(r_pos, slc, 1)
+    dest = jnp.where(sl < n, dest, output.shape[0]).reshape(-1)
+    return output.at[dest].set(recv.reshape(D * L, -1), mode="drop")
+
+
+RAGGED_PLATFORMS = ("tpu", "gpu")  # platforms whose XLA lowers ragged-all-to-all
+
+
+def ragged_all_to_all_for(platform: str):
+    """jax.lax.ragged_all_to_all on platforms that have it, else `dense_ragged_all_to_all`."""
+    return jax.lax.ragged_all_to_all if platform in RAGGED_PLATFORMS else dense_ragged_all_to_all

@@ -3,6 +3,11 @@
   python -m moejax.main --config=configs/deepseekmoe_table1.py:method=deepseekmoe,scale=tiny \\
       --workdir=/tmp/dsmoe [--config.train.steps=100 --config.data.text_dir=...]
 
+Multi-host (one process per host, same command on every host): on a TPU VM slice nothing more is needed;
+elsewhere give --coordinator_address=HOST:PORT --num_processes=N --process_id=I (or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID). Each process reads its own share of every batch; --workdir must be a
+directory all processes share.
+
 An override of a key the config does not have is an error naming the nearest valid key. Bad input
 (config values, data, an incompatible checkpoint, a non-finite loss) ends with a one-line error and exit
 status 1; SIGTERM / Ctrl-C checkpoint first and exit with 128 + the signal number.
@@ -19,6 +24,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, optionally :arg.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics (resumed if it has any).")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -50,7 +58,9 @@ def check_overrides(argv: list[str]) -> None:
 
 def main(argv):
     del argv
-    from moejax import train  # imported after flag parsing: jax reads XLA_FLAGS at import
+    from moejax import sharding, train  # imported after flag parsing: jax reads XLA_FLAGS at import
+
+    sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep the terminal readable
         logging.set_verbosity(logging.WARNING)

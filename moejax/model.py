@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import moe as moe_lib
+from moejax import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dtype: str = "float32"
     init_std: float = 0.0  # > 0: every weight N(0, init_std) (DeepSeekMoE: 0.006); 0: fan-in, embeddings N(0, 1)
+    remat: bool = False  # recompute each block's activations in the backward pass (jax.checkpoint)
 
     def __post_init__(self):
         req = moe_lib.require_for("ModelConfig")
@@ -88,9 +90,11 @@ class Attention(nnx.Module):
 
     def __init__(self, d: int, n_heads: int, rope_base: float, *, rngs: nnx.Rngs, init_std: float = 0.0):
         init = moe_lib.initializer(init_std, in_axis=0, out_axis=(1, 2, 3))
-        self.wqkv = nnx.Param(init(rngs.params(), (d, 3, n_heads, d // n_heads), jnp.float32))  # [d, 3, H, h]
+        self.wqkv = nnx.Param(init(rngs.params(), (d, 3, n_heads, d // n_heads), jnp.float32),
+                              axes=("embed", None, "heads", None))  # [d, 3, H, h]
         out_init = moe_lib.initializer(init_std, in_axis=(0, 1), out_axis=2)
-        self.wo = nnx.Param(out_init(rngs.params(), (n_heads, d // n_heads, d), jnp.float32))  # [H, h, d]
+        self.wo = nnx.Param(out_init(rngs.params(), (n_heads, d // n_heads, d), jnp.float32),
+                            axes=("heads", None, "embed"))  # [H, h, d]
         self.rope_base = rope_base
 
     def __call__(self, x, positions, segment_ids=None):
@@ -128,23 +132,29 @@ class Transformer(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embed = nnx.Param((config.init_std or 1.0) * jax.random.normal(
-            rngs.params(), (config.vocab_size, config.d_model), jnp.float32))
+            rngs.params(), (config.vocab_size, config.d_model), jnp.float32), axes=("vocab", "embed"))
         self.blocks = nnx.List([Block(config, l, rngs=rngs) for l in range(config.n_layers)])
         self.final_norm = RMSNorm(config.d_model)
         if not config.tie_embeddings:
             init = moe_lib.initializer(config.init_std, in_axis=0, out_axis=1)
-            self.unembed = nnx.Param(init(rngs.params(), (config.d_model, config.vocab_size), jnp.float32))
+            self.unembed = nnx.Param(init(rngs.params(), (config.d_model, config.vocab_size), jnp.float32),
+                                     axes=("embed", "vocab"))
 
     def __call__(self, tokens, positions=None, segment_ids=None, key=None):
         c = self.config
         dtype = jnp.dtype(c.dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = self.embed[...].astype(dtype)[tokens]
+        act = ("batch", "length", "embed")  # activations between layers: split by batch (moejax.sharding)
+        x = sharding.constrain(self.embed[...].astype(dtype)[tokens], act)
         keys = jax.random.split(key, c.n_layers) if key is not None else [None] * c.n_layers
         stats = []
+        call = lambda block, *args: block(*args)
+        if c.remat:  # keep only each block's input for the backward pass
+            call = nnx.remat(call)
         for layer, block in enumerate(self.blocks):
-            x, s = block(x, positions, segment_ids, tokens, keys[layer])
+            x, s = call(block, x, positions, segment_ids, tokens, keys[layer])
+            x = sharding.constrain(x, act)
             if c.is_moe(layer):
                 stats.append(s)
         x = self.final_norm(x)
@@ -153,4 +163,4 @@ class Transformer(nnx.Module):
             logits = logits * c.d_model ** -0.5
         else:
             logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(dtype), preferred_element_type=jnp.float32)
-        return logits, stats
+        return sharding.constrain(logits, ("batch", "length", "vocab")), stats

@@ -17,7 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import balance, dispatch, experts, routing
+from jax.sharding import PartitionSpec as P
+
+from moejax import balance, dispatch, experts, routing, sharding
 
 ROUTERS = ("topk", "gshard", "expert_choice", "hash")
 DISPATCHES = ("capacity", "dropless")
@@ -43,12 +45,15 @@ class MoEConfig:
     Routed experts: `n_experts` (E, 0 for a dense FFN), `top_k` (K). Expert width f = d_ff // segmentation.
     Routing: `router` in ROUTERS; 'topk' uses `score_fn`, `normalize`, `routed_scale`, group limits
     (`n_groups`, `topk_groups`, `group_score`) and the aux-free bias (`aux_free_bias`,
-    `bias_update_rate`). 'expert_choice' gives each expert C = T * top_k * capacity_factor / E tokens.
-    Dispatch: `dispatch` in DISPATCHES; 'capacity' uses `capacity_factor`, `batch_prioritized`.
+    `bias_update_rate`). 'expert_choice' gives each expert C = S * top_k * capacity_factor / E tokens of each
+    sequence. Dispatch: `dispatch` in DISPATCHES; 'capacity' uses `capacity_factor`, `batch_prioritized`, with
+    capacity C = ceil(S K capacity_factor / E) per sequence of S tokens.
     Backend: 'auto' or a name in experts.BACKENDS; `block_size` rows per block of a dropless 'blocked'
     buffer, 0 = `dispatch.auto_block` (the largest power of two <= T K / E, at most 256).
     Losses (coefficients, >= 0): aux_loss_coef (a1), device_loss_coef (a2, over `n_devices` groups of
-    experts), seq_aux_loss_coef (DeepSeek-V3), z_loss_coef (ST-MoE).
+    experts; 0 = the devices of the mesh's expert axis), seq_aux_loss_coef (DeepSeek-V3), z_loss_coef (ST-MoE).
+    Placement: `pad_experts_to` rounds the expert weights up to `n_slots` (e.g. DeepSeekMoE's 63 routed
+    experts to 64 for an expert axis of 8); device j of D holds slots [j n_slots / D, (j + 1) n_slots / D).
     """
 
     d_model: int
@@ -76,7 +81,8 @@ class MoEConfig:
     block_size: int = 0
     aux_loss_coef: float = 0.0
     device_loss_coef: float = 0.0
-    n_devices: int = 1
+    n_devices: int = 0
+    pad_experts_to: int = 1
     seq_aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
 
@@ -136,13 +142,21 @@ class MoEConfig:
                      "False with dispatch='dropless' (nothing is dropped)")
         if self.aux_free_bias:
             _require(self.router == "topk", "aux_free_bias", self.aux_free_bias, "False unless router='topk'")
-        _require(self.n_devices >= 1 and (self.n_experts or 1) % self.n_devices == 0, "n_devices", self.n_devices,
-                 f"a divisor of n_experts={self.n_experts}")
+        _require(self.pad_experts_to >= 1, "pad_experts_to", self.pad_experts_to, "an integer >= 1")
+        _require(self.n_devices == 0 or (self.n_devices >= 1 and (self.n_slots or 1) % self.n_devices == 0),
+                 "n_devices", self.n_devices, f"0 (the mesh's expert axis) or a divisor of n_experts={self.n_experts}"
+                 + (f" padded to {self.n_slots}" if self.n_slots != self.n_experts else ""))
         for name in ("aux_loss_coef", "device_loss_coef", "seq_aux_loss_coef", "z_loss_coef",
                      "bias_update_rate", "routed_scale"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
         _require(0 <= self.jitter < 1, "jitter", self.jitter, "0 <= jitter < 1")
         _require(0 <= self.hash_salt < 2**32, "hash_salt", self.hash_salt, "an integer in [0, 2**32)")
+
+    @property
+    def n_slots(self) -> int:
+        """Expert weight slots: n_experts rounded up to a multiple of pad_experts_to (extra slots are zero and
+        never routed; they let an expert axis that does not divide n_experts split the weights)."""
+        return -(-self.n_experts // self.pad_experts_to) * self.pad_experts_to
 
     @property
     def expert_width(self) -> int:
@@ -204,8 +218,8 @@ def olmoe(d_model: int, d_ff: int, n_experts: int = 64, top_k: int = 8, **kw) ->
 
 
 def expert_choice(d_model: int, d_ff: int, n_experts: int = 16, top_k: int = 2, **kw) -> MoEConfig:
-    """Expert choice (Zhou et al. 2022): each expert takes its top C = T * top_k * capacity_factor / E
-    tokens (compute of top-K token choice at capacity 1)."""
+    """Expert choice (Zhou et al. 2022): each expert takes its top C = S * top_k * capacity_factor / E
+    tokens of each sequence (compute of top-K token choice at capacity 1)."""
     base = dict(router="expert_choice", dispatch="capacity", capacity_factor=1.0)
     return MoEConfig(d_model, d_ff, n_experts, top_k, **{**base, **kw})
 
@@ -255,26 +269,73 @@ def initializer(std: float, in_axis, out_axis, batch_axis=()):
                                                 out_axis=out_axis, batch_axis=batch_axis)
 
 
-def _param(rngs, shape, fan_in_axis, batch_axis, dtype, std: float = 0.0) -> nnx.Param:
-    """`initializer` with fan_in = shape[fan_in_axis] (per expert: batch_axis are independent)."""
+def _param(rngs, shape, fan_in_axis, batch_axis, dtype, std: float = 0.0, axes=()) -> nnx.Param:
+    """`initializer` with fan_in = shape[fan_in_axis] (per expert: batch_axis are independent); `axes`
+    names each dimension for moejax.sharding.RULES."""
     out_axis = tuple(i for i in range(len(shape)) if i != fan_in_axis and i not in batch_axis)
-    return nnx.Param(initializer(std, fan_in_axis, out_axis, batch_axis)(rngs.params(), shape, dtype))
+    return nnx.Param(initializer(std, fan_in_axis, out_axis, batch_axis)(rngs.params(), shape, dtype), axes=axes)
 
 
-def _ffn_params(d_model, width, n, activation, rngs, param_dtype, std=0.0) -> nnx.Dict:
-    """FFN weights w_in [(n,) d, n_in, f] and w_down [(n,) f, d]: n stacked experts, or dense if n is None."""
+def _ffn_params(d_model, width, n, activation, rngs, param_dtype, std=0.0, slots=None) -> nnx.Dict:
+    """FFN weights w_in [(n,) d, n_in, f] and w_down [(n,) f, d]: n stacked experts, or dense if n is None.
+    With slots > n, zero weights for slots n.. are appended (never routed; see MoEConfig.pad_experts_to)."""
     lead = () if n is None else (n,)
     batch = tuple(range(len(lead)))
-    return nnx.Dict(
-        w_in=_param(rngs, lead + (d_model, experts.n_in(activation), width), len(lead), batch, param_dtype, std),
-        w_down=_param(rngs, lead + (width, d_model), len(lead), batch, param_dtype, std),
-    )
+    ax = ("expert",) if n is not None else ()
+    w = dict(w_in=_param(rngs, lead + (d_model, experts.n_in(activation), width), len(lead), batch, param_dtype, std,
+                         ax + ("embed", None, "mlp")),
+             w_down=_param(rngs, lead + (width, d_model), len(lead), batch, param_dtype, std, ax + ("mlp", "embed")))
+    if slots is not None and slots > n:
+        pad = lambda v: nnx.Param(jnp.concatenate([v[...], jnp.zeros((slots - n,) + v.shape[1:], v.dtype)]),
+                                  axes=v.get_metadata()["axes"])
+        w = {k: pad(v) for k, v in w.items()}
+    return nnx.Dict(**w)
+
+
+def check_placement(c: MoEConfig, n: int) -> None:
+    """ValueError unless an expert axis of n devices can hold the layer: n divides the expert slots, and
+    device-level losses and group-limited routing match the placement (device j of n holds slots
+    [j n_slots / n, (j + 1) n_slots / n))."""
+    if not c.n_experts or n == 1:
+        return
+    if c.n_slots % n:
+        raise ValueError(f"MoEConfig.n_experts={c.n_experts} (padded to {c.n_slots} slots) is invalid for a mesh "
+                         f"with expert={n}; allowed: a multiple of the expert axis size {n}, or set "
+                         f"pad_experts_to={n} to add never-routed zero experts")
+    if c.n_devices not in (0, n):
+        raise ValueError(f"MoEConfig.n_devices={c.n_devices} is invalid for a mesh with expert={n}; allowed: "
+                         f"0 (the mesh's expert axis) or {n}")
+    if c.n_groups > 1 and c.n_groups % n and n % c.n_groups:
+        raise ValueError(f"MoEConfig.n_groups={c.n_groups} is invalid for a mesh with expert={n}; allowed: a "
+                         f"multiple or divisor of {n}, so that each routing group lies on whole devices")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Parallel:
+    """How the routed experts are split on the current mesh: D = `n` devices along mesh axis `expert`
+    (None if D = 1), hidden units over `tensor` (None if unsplit)."""
+
+    expert: str | None = None
+    n: int = 1
+    tensor: str | None = None
+
+    def psum_tensor(self, y):
+        return jax.lax.psum(y, self.tensor) if self.tensor else y
 
 
 class MoE(nnx.Module):
     """MoE FFN layer. __call__(x [B, S, d], token_ids [B, S] (hash router), key (train randomness))
     -> (y [B, S, d], MoEStats). Router math in float32; expert matmuls in x's dtype.
-    Weights start N(0, init_std) if init_std > 0 (DeepSeekMoE sec. 4.1.2 uses 0.006), else fan-in scaled."""
+    Weights start N(0, init_std) if init_std > 0 (DeepSeekMoE sec. 4.1.2 uses 0.006), else fan-in scaled.
+
+    Routing runs on all tokens (sharded like x under a mesh); balance losses use the whole batch. Capacity
+    and expert choice work per sequence (C = ceil(S K capacity_factor / E), GShard's groups with one
+    sequence per group), so no result depends on how the batch is split. Under a mesh (moejax.sharding.use)
+    the expert FFNs run inside a shard_map: every device dispatches its own sequences; with an expert axis
+    of D > 1 devices (each holding E / D experts) rows travel there and back by all_to_all (capacity,
+    expert choice) or a ragged exchange (dropless; moejax.dispatch.exchange); with a tensor axis the expert
+    hidden units are split and the outputs summed.
+    """
 
     def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, init_std: float = 0.0):
         c = self.config = config
@@ -283,8 +344,9 @@ class MoE(nnx.Module):
             self.shared = _ffn_params(c.d_model, c.n_shared * f, None, c.activation, rngs, param_dtype, init_std)
         if c.n_experts:
             if c.router != "hash":
-                self.router = _param(rngs, (c.d_model, c.n_experts), 0, (), jnp.float32, init_std)
-            self.experts = _ffn_params(c.d_model, f, c.n_experts, c.activation, rngs, param_dtype, init_std)
+                self.router = _param(rngs, (c.d_model, c.n_experts), 0, (), jnp.float32, init_std, ("embed", None))
+            self.experts = _ffn_params(c.d_model, f, c.n_experts, c.activation, rngs, param_dtype, init_std,
+                                       c.n_slots)
             if c.aux_free_bias:
                 self.bias = RouterBias(jnp.zeros((c.n_experts,), jnp.float32))
 
@@ -300,14 +362,14 @@ class MoE(nnx.Module):
         if not c.n_experts:
             zero = jnp.zeros((), jnp.float32)
             return y.reshape(B, S, d), MoEStats(zero, zero, zero, zero, zero, jnp.zeros((0,)), zero, zero, zero)
-        routed, stats = self._routed(xt, token_ids, key, B)
-        return (y + routed).reshape(B, S, d), stats
+        routed, stats = self._routed(x, token_ids, key)
+        return y.reshape(B, S, d) + routed, stats
 
-    def _routed(self, xt, token_ids, key, B):
+    def _routed(self, x, token_ids, key):
         c = self.config
-        T = xt.shape[0]
+        B, S, d = x.shape
+        xt = x.reshape(B * S, d)
         k_jit, k_route = jax.random.split(key) if key is not None else (None, None)
-        params = dict(self.experts)
         if c.router == "hash":
             if token_ids is None:
                 raise ValueError("router='hash' needs token_ids [B, S] in MoE.__call__")
@@ -316,56 +378,124 @@ class MoE(nnx.Module):
             xr = routing.jitter(xt, k_jit, c.jitter) if (key is not None and c.jitter > 0) else xt
             logits = xr.astype(jnp.float32) @ self.router[...].astype(jnp.float32)  # [T, E]
             if c.router == "expert_choice":
-                return self._expert_choice(xt, logits, params)
+                return self._expert_choice(x, logits)
             if c.router == "gshard":
                 r = routing.gshard_top2(logits, k_route)
             else:
                 r = routing.topk(logits, c.top_k, score_fn=c.score_fn, normalize=c.normalize,
                                  scale=c.routed_scale, bias=self.bias[...] if c.aux_free_bias else None,
                                  n_groups=c.n_groups, topk_groups=c.topk_groups, group_score=c.group_score)
-        if c.dispatch == "capacity":
-            C = dispatch.capacity(T, c.top_k, c.n_experts, c.capacity_factor)
-            prio = jnp.max(r.weights, axis=-1) if c.batch_prioritized else None
-            plan = dispatch.capacity_plan(r.expert_ids, r.mask, c.n_experts, C, prio)
-        else:
-            plan = dispatch.dropless_plan(r.expert_ids, r.mask, c.n_experts, self._block(T))
-        backend = self._backend(plan.layout.per_expert)
-        rows = dispatch.dispatch(xt, plan)  # [M, d]
-        out = dispatch.combine(experts.grouped_ffn(rows, params, plan.layout, c.activation, backend), r.weights, plan)
-        return out, self._stats(r, B, dispatch.dropped_fraction(plan, r.mask))
+        per_seq = lambda a: a.reshape(B, S, *a.shape[1:])
+        prio = jnp.max(r.weights, axis=-1) if c.batch_prioritized else jnp.zeros((B * S,), jnp.float32)
+        out, dropped = self._sharded(self._token_choice, x, per_seq(r.expert_ids), per_seq(r.weights),
+                                     per_seq(r.mask), per_seq(prio))
+        return out, self._stats(r, B, dropped.sum() / jnp.maximum(r.mask.sum(), 1))
 
-    def _block(self, T: int) -> int:
+    def _sharded(self, fn, x, *per_seq):
+        """fn(x [b, S, d], *per_seq [b, ...], w_in, w_down, par) -> (y [b, S, d], per-sequence [b]) on every
+        device's sequences: inside a shard_map over the current mesh, or directly without one."""
+        c = self.config
+        weights = (self.experts["w_in"][...], self.experts["w_down"][...])
+        mesh = sharding.current_mesh()
+        if mesh is None:
+            return fn(x, *per_seq, *weights, _Parallel())
+        n = sharding.axis_size("expert", mesh)
+        check_placement(c, n)
+        f = c.expert_width
+        tensor = [a for a in sharding.mesh_axes("mlp", mesh) if f % sharding.axis_size(a, mesh) == 0]
+        par = _Parallel("expert" if n > 1 else None, n, tensor[0] if tensor else None)
+        batch = sharding.spec(("batch",), mesh=mesh)
+        w_specs = (P(par.expert, None, None, par.tensor), P(par.expert, par.tensor, None))
+        run = jax.shard_map(lambda *a: fn(*a, par), mesh=mesh, in_specs=(batch,) * (1 + len(per_seq)) + w_specs,
+                            out_specs=(batch, batch))
+        return run(x, *per_seq, *weights)
+
+    def _token_choice(self, x, ids, w, mask, prio, w_in, w_down, par: _Parallel):
+        """Local token-choice dispatch, expert FFNs, combine. x [b, S, d]; ids, w, mask [b, S, K]; prio [b, S]."""
+        c = self.config
+        b, S, d = x.shape
+        E, K = c.n_slots, c.top_k
+        params = {"w_in": w_in, "w_down": w_down}
+        if c.dispatch == "capacity":
+            C = dispatch.capacity(S, K, c.n_experts, c.capacity_factor)
+            plan_fn = lambda i, m, p: dispatch.capacity_plan(i, m, E, C, p if c.batch_prioritized else None)
+            plan = jax.vmap(plan_fn)(ids, mask, prio)
+            rows = jax.vmap(dispatch.dispatch)(x, plan).reshape(b, E, C, d)
+            ys = self._per_expert_ffn(rows, params, par).reshape(b, E * C, d)
+            out = jax.vmap(dispatch.combine)(ys, w, plan)
+            return out, jax.vmap(dispatch.dropped_count)(plan, mask)
+        T = b * S
+        plan = dispatch.dropless_plan(ids.reshape(T, K), mask.reshape(T, K), E,
+                                      1 if par.n > 1 else self._block(T * K, E))
+        rows = dispatch.dispatch(x.reshape(T, d), plan)  # [M, d]
+        if par.n > 1:
+            ex = dispatch.exchange_plan(plan.layout.group_sizes, par.expert, par.n, rows.shape[0],
+                                        self._block(par.n * T * K, E))
+            a2a = dispatch.ragged_all_to_all_for(sharding.platform())
+            recv = dispatch.exchange(rows, ex, a2a)
+            ys = par.psum_tensor(experts.grouped_ffn(recv, params, ex.layout, c.activation, self._backend(False)))
+            ys = dispatch.exchange_back(ys, ex, rows.shape[0], a2a)
+        else:
+            ys = par.psum_tensor(experts.grouped_ffn(rows, params, plan.layout, c.activation, self._backend(False)))
+        out = dispatch.combine(ys, w.reshape(T, K), plan).reshape(b, S, d)
+        return out, jnp.zeros((b,), jnp.int32)
+
+    def _per_expert_ffn(self, rows, params, par: _Parallel):
+        """Expert FFNs over per-sequence buffers rows [b, E, C, d] -> [b, E, C, d]. With D expert devices a
+        fixed-size all_to_all brings each device the rows of its E / D experts from all D devices."""
+        c = self.config
+        if par.n > 1:
+            rows = jax.lax.all_to_all(rows, par.expert, 1, 0, tiled=True)  # [D b, E/D, C, d]
+        n, El, C, d = rows.shape
+        layout = dispatch.expert_choice_layout(El, n * C)  # expert e owns rows [e n C, (e + 1) n C)
+        ys = experts.grouped_ffn(rows.swapaxes(0, 1).reshape(El * n * C, d), params, layout, c.activation,
+                                 self._backend(True))
+        ys = par.psum_tensor(ys).reshape(El, n, C, d).swapaxes(0, 1)
+        return jax.lax.all_to_all(ys, par.expert, 0, 1, tiled=True) if par.n > 1 else ys
+
+    def _block(self, n_assignments: int, n_experts: int) -> int:
         """Rows per block of a dropless buffer: block_size (or automatic) for 'blocked', else 1 (no padding)."""
         c = self.config
         if self._backend(per_expert=False) != "blocked":
             return 1
-        return c.block_size or dispatch.auto_block(T * c.top_k, c.n_experts)
+        return c.block_size or dispatch.auto_block(n_assignments, n_experts)
 
     def _backend(self, per_expert: bool) -> str:
         b = self.config.backend
-        return experts.default_backend(per_expert) if b == "auto" else b
+        return experts.default_backend(per_expert, sharding.platform()) if b == "auto" else b
 
-    def _expert_choice(self, xt, logits, params):
+    def _expert_choice(self, x, logits):
+        """Expert choice per sequence: each expert takes C = ceil(S K capacity_factor / E) of its tokens."""
         c = self.config
-        T = xt.shape[0]
-        C = min(T, dispatch.capacity(T, c.top_k, c.n_experts, c.capacity_factor))
-        ec = routing.expert_choice(logits, C)
-        layout = dispatch.expert_choice_layout(c.n_experts, C)
-        rows = dispatch.dispatch_expert_choice(xt, ec.token_ids)
-        ys = experts.grouped_ffn(rows, params, layout, c.activation, self._backend(True))
-        out = dispatch.combine_expert_choice(ys, ec.weights, ec.token_ids, T)
-        chosen = jnp.zeros((T,), bool).at[ec.token_ids.reshape(-1)].set(True)
+        B, S, _ = x.shape
+        E = c.n_experts
+        C = min(S, dispatch.capacity(S, c.top_k, E, c.capacity_factor))
+        ec = jax.vmap(routing.expert_choice, (0, None))(logits.reshape(B, S, E), C)  # token_ids [B, E, C]
+        pad = [(0, 0), (0, c.n_slots - E), (0, 0)]  # padding slots take token 0 with gate 0
+        out, _ = self._sharded(self._expert_choice_local, x, jnp.pad(ec.token_ids, pad), jnp.pad(ec.weights, pad))
+        chosen = jax.vmap(lambda t: jnp.zeros((S,), bool).at[t.reshape(-1)].set(True))(ec.token_ids)  # [B, S]
+        unchosen = S - chosen.sum(-1)
         zero = jnp.zeros((), jnp.float32)
-        load = jnp.full((c.n_experts,), float(C), jnp.float32)
+        load = jnp.full((E,), float(B * C), jnp.float32)
         zl = balance.z_loss(logits)
         return out, MoEStats(c.z_loss_coef * zl, zero, zero, zero, c.z_loss_coef * zl, load,
-                             balance.max_violation(load), 1.0 - chosen.mean(), balance.router_entropy(ec.probs))
+                             balance.max_violation(load), unchosen.sum() / (B * S), balance.router_entropy(ec.probs))
+
+    def _expert_choice_local(self, x, token_ids, gates, w_in, w_down, par: _Parallel):
+        """x [b, S, d]; token_ids, gates [b, E, C] -> (y [b, S, d], zeros [b])."""
+        b, S, d = x.shape
+        _, E, C = token_ids.shape
+        rows = jax.vmap(dispatch.dispatch_expert_choice)(x, token_ids).reshape(b, E, C, d)
+        ys = self._per_expert_ffn(rows, {"w_in": w_in, "w_down": w_down}, par).reshape(b, E * C, d)
+        out = jax.vmap(dispatch.combine_expert_choice, (0, 0, 0, None))(ys, gates, token_ids, S)
+        return out, jnp.zeros((b,), jnp.int32)
 
     def _stats(self, r: routing.Routing, B: int, dropped: jax.Array) -> MoEStats:
         c = self.config
         T, E = r.probs.shape
+        n_dev = c.n_devices or sharding.axis_size("expert")
         aux = c.aux_loss_coef * balance.expert_balance_loss(r.probs, r.expert_ids, r.mask) if c.aux_loss_coef else 0.0
-        dev = (c.device_loss_coef * balance.device_balance_loss(r.probs, r.expert_ids, c.n_devices, r.mask)
+        dev = (c.device_loss_coef * balance.device_balance_loss(r.probs, r.expert_ids, n_dev, r.mask, c.n_slots)
                if c.device_loss_coef else 0.0)
         seq = (c.seq_aux_loss_coef * balance.sequence_balance_loss(
             r.probs.reshape(B, T // B, E), r.expert_ids.reshape(B, T // B, -1), r.mask.reshape(B, T // B, -1))

@@ -28,10 +28,14 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
 from moejax import balance
 from moejax import config as config_lib
 from moejax import metrics as metrics_lib
 from moejax import model as model_lib
+from moejax import moe as moe_lib
+from moejax import sharding
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,27 +72,66 @@ def optimizer(t: config_lib.TrainConfig) -> optax.GradientTransformation:
 @dataclasses.dataclass
 class Trainer:
     """The model's graph, the optimiser, and jitted train / eval steps over a state pytree
-    {'params': nnx.State of Params, 'rest': other state (router biases), 'opt': optimiser state}."""
+    {'params': nnx.State of Params, 'rest': other state (router biases), 'opt': optimiser state}, placed
+    on `mesh` (default: one device) by moejax.sharding: parameters and optimiser moments by their logical
+    axes, batches split over the batch axes. Steps run with the mesh current (sharding.use)."""
 
     model_config: model_lib.ModelConfig
     train: config_lib.TrainConfig
     seed: int
+    mesh: jax.sharding.Mesh | None = None
 
     def __post_init__(self):
+        self.mesh = self.mesh if self.mesh is not None else sharding.single_device_mesh()
         abstract = nnx.eval_shape(lambda: model_lib.Transformer(self.model_config, rngs=nnx.Rngs(0)))
         self.graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
         self.tx = optimizer(self.train)
         self.moe_layers = [l for l in range(self.model_config.n_layers) if self.model_config.is_moe(l)]
-        self.train_step = jax.jit(self._train_step, donate_argnums=0)
-        self.eval_step = jax.jit(self._eval_step)
+        moe_lib.check_placement(self.model_config.moe, sharding.axis_size("expert", self.mesh))
+        self.state_sharding = sharding.state_shardings(jax.eval_shape(self._init), self.mesh)
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        self._jit_init = jax.jit(self._init, out_shardings=self.state_sharding)
+        self._jit_train_step = jax.jit(
+            self._train_step, in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
+            out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
+        self._jit_eval_step = jax.jit(self._eval_step, in_shardings=(self.state_sharding, self.batch_sharding),
+                                      out_shardings=self.replicated)
 
-    def init(self) -> dict:
+    def _init(self) -> dict:
         model = model_lib.Transformer(self.model_config, rngs=nnx.Rngs(params=self.seed))
         _, params, rest = nnx.split(model, nnx.Param, ...)
         return {"params": params, "rest": rest, "opt": self.tx.init(params)}
 
+    def init(self) -> dict:
+        """The initial state, created sharded on the mesh."""
+        with sharding.use(self.mesh):
+            return self._jit_init()
+
     def abstract_state(self) -> dict:
-        return jax.eval_shape(self.init)
+        """ShapeDtypeStructs of the state, with their shardings (for restoring and ahead-of-time lowering)."""
+        return sharding.with_shardings(jax.eval_shape(self._init), self.state_sharding)
+
+    def abstract_batch(self, batch_size: int, seq_len: int) -> dict:
+        """ShapeDtypeStructs of a global training batch [batch_size, seq_len], split over the batch axes."""
+        shape = lambda dt: jax.ShapeDtypeStruct((batch_size, seq_len), dt, sharding=self.batch_sharding)
+        return {"inputs": shape(jnp.int32), "targets": shape(jnp.int32), "segment_ids": shape(jnp.int32),
+                "positions": shape(jnp.int32), "weights": shape(jnp.float32)}
+
+    def train_step(self, state, batch, step):
+        """(state, global batch, step) -> (new state, metrics); the input state is donated."""
+        with sharding.use(self.mesh):
+            return self._jit_train_step(state, batch, step)
+
+    def eval_step(self, state, batch):
+        with sharding.use(self.mesh):
+            return self._jit_eval_step(state, batch)
+
+    def lower_train_step(self, batch_size: int, seq_len: int):
+        """jax.stages.Lowered of one training step on abstract inputs (moejax.aot compiles it for a TPU)."""
+        with sharding.use(self.mesh):
+            step = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
+            return self._jit_train_step.lower(self.abstract_state(), self.abstract_batch(batch_size, seq_len), step)
 
     def _forward(self, params, rest, batch, key):
         model = nnx.merge(self.graphdef, params, rest)
@@ -105,9 +148,12 @@ class Trainer:
 
     def grads(self, params, rest, batch, step):
         """Gradient of the step's loss on a global batch [B, S], summed over grad_accum micro-batches of
-        B / grad_accum (cross-entropy normalised by the whole batch's targets). -> (grads, ce [A], stats)."""
+        B / grad_accum rows (micro-batch a holds rows a, a + A, a + 2A, ...; cross-entropy normalised by the
+        whole batch's targets). -> (grads, ce [A], stats)."""
         A = self.train.grad_accum
-        micro = jax.tree.map(lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:]), batch)
+        # micro-batch a = rows a, a + A, ...: each device keeps its own rows (B / A per shard)
+        micro = jax.tree.map(lambda x: sharding.constrain(
+            x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), (None, "batch", "length")), batch)
         n_targets = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
         keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(self.seed), step), A)
         grad_fn = jax.grad(self._loss, has_aux=True)
@@ -150,10 +196,11 @@ class Trainer:
         return jnp.sum(nll * w), jnp.sum(w), jnp.sum(batch["token_bytes"] * w)
 
     def evaluate(self, state, batches, token_bytes: np.ndarray) -> dict[str, float]:
-        """Validation loss in nats per token and bits per UTF-8 byte over `batches`."""
+        """Validation loss in nats per token and bits per UTF-8 byte over `batches` (this process's rows)."""
         nll = n = n_bytes = 0.0
         for b in batches:
-            s = self.eval_step(state, {**b, "token_bytes": token_bytes[b["targets"]]})
+            s = self.eval_step(state, sharding.global_batch({**b, "token_bytes": token_bytes[b["targets"]]},
+                                                            self.mesh))
             nll, n, n_bytes = nll + float(s[0]), n + float(s[1]), n_bytes + float(s[2])
         return {"val_loss": nll / max(n, 1), "val_bpb": nll / math.log(2) / max(n_bytes, 1)}
 
@@ -232,10 +279,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     config_dict = json.loads(config.to_json()) if isinstance(config, ml_collections.ConfigDict) else dict(config)
     t = run.train
     tokenizer = data_lib.get_tokenizer(run.data)
-    trainer = Trainer(run.model_config(tokenizer.vocab_size), t, run.seed)
-    _require_batch(run.data.batch_size, t.grad_accum)
-    train_iter = data_lib.train_iterator(run.data, tokenizer)
+    mesh = sharding.make_mesh(run.mesh)
+    sharding.require_batch(run.data.batch_size, mesh, t.grad_accum)
+    trainer = Trainer(run.model_config(tokenizer.vocab_size), t, run.seed, mesh)
+    train_iter = data_lib.train_iterator(run.data, tokenizer)  # this process's rows
     eval_set = data_lib.eval_batches(run.data, tokenizer)
+    chief = jax.process_index() == 0  # writes metrics, config.json and the progress bar
     token_bytes = np.asarray(tokenizer.token_bytes, np.float32)
 
     mngr = _checkpoint_manager(workdir, t)
@@ -243,24 +292,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     if step:
         state, data_state = _restore(mngr, step, trainer, config_dict)
         train_iter.set_state(data_state)
-        print(f"resumed from step {step} in {mngr.directory}")
+        _log(f"resumed from step {step} in {mngr.directory}")
     else:
         state = trainer.init()
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        json.dump(config_dict, f, indent=1)
+    if chief:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config_dict, f, indent=1)
 
-    writer = metrics_lib.MetricWriter(workdir)
+    writer = metrics_lib.MetricWriter(workdir) if chief else _NoWriter()
     tokens_per_step = run.data.batch_size * run.data.seq_len
     flops = metrics_lib.flops_per_token(trainer.model_config, run.data.seq_len)
     devices = jax.devices()
     peak = (t.peak_flops or metrics_lib.peak_flops(devices[0].device_kind)) * len(devices)
-    bar = _progress(step, t.steps, progress)
+    bar = _progress(step, t.steps, progress if chief else False)
     window, last_ok, summary = [], step, {"interrupted": None}
     window_start, timed = time.time(), -1  # steps timed for tokens/s; -1: the first (compiling) step
     try:
         with _Signals() as signals:
             while step < t.steps and signals.received is None:
-                batch = {k: jnp.asarray(v) for k, v in next(train_iter).items()}
+                batch = sharding.global_batch(next(train_iter), mesh)
                 state, m = trainer.train_step(state, batch, jnp.asarray(step, jnp.int32))
                 step += 1
                 window.append(m)
@@ -305,14 +355,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     val = f"{summary['val_loss']:.4f} nats/token ({summary['val_bpb']:.4f} bits/byte)" if "val_loss" in summary \
         else "not evaluated"
     stop = f"stopped by {summary['interrupted']} (checkpoint saved), " if summary["interrupted"] else ""
-    print(f"{stop}{step} steps, {step * tokens_per_step:,} tokens, final val loss {val}, {wall:.0f} s wall")
+    _log(f"{stop}{step} steps, {step * tokens_per_step:,} tokens, final val loss {val}, {wall:.0f} s wall"
+         + (f", mesh {dict(mesh.shape)}" if mesh.size > 1 else ""))
     return summary
 
 
-def _require_batch(batch_size: int, grad_accum: int) -> None:
-    if batch_size % (grad_accum * jax.process_count()):
-        raise ValueError(f"TrainConfig.grad_accum={grad_accum} is invalid; allowed: a divisor of "
-                         f"data.batch_size={batch_size} / process_count={jax.process_count()}")
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message)
+
+
+class _NoWriter:
+    """MetricWriter stand-in for processes other than 0."""
+
+    def write(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
 
 
 def _check_finite(window: list[dict], step: int, last_ok: int, mngr) -> None:

@@ -126,9 +126,11 @@ def decide(p, x, cfg, *, token_ids=None, mask=None, noise=None) -> Decision:
     if cfg.router != "hash":
         s = [np.asarray(token_scores(p, xt[t], cfg, None if noise is None else noise[t])) for t in range(T)]
 
-    if cfg.router == "expert_choice":  # each expert takes its C best tokens (ties: lower index)
-        C = min(T, dispatch.capacity(T, K, E, cfg.capacity_factor))
-        return Decision(ec_tokens=[_best([s[t][e] for t in range(T)], C) for e in range(E)])
+    B, S = x.shape[0], x.shape[1]
+    if cfg.router == "expert_choice":  # in each sequence, each expert takes its C best tokens (ties: lower index)
+        C = min(S, dispatch.capacity(S, K, E, cfg.capacity_factor))
+        return Decision(ec_tokens=[[b * S + i for b in range(B) for i in _best([s[b * S + j][e] for j in range(S)], C)]
+                                   for e in range(E)])
 
     if cfg.router == "hash":
         ids = np.asarray(routing.hash_expert(jnp.asarray(token_ids).reshape(-1), E, K, cfg.hash_salt))
@@ -142,22 +144,24 @@ def decide(p, x, cfg, *, token_ids=None, mask=None, noise=None) -> Decision:
     if cfg.dispatch == "dropless":
         return Decision(picks=picks, kept=mask)
 
-    # Capacity: all first picks before all second picks; within a pick, tokens in order (first come)
-    # or by decreasing top gate (batch-prioritised, stable). Each expert keeps its first C arrivals.
-    C = dispatch.capacity(T, K, E, cfg.capacity_factor)
-    order = list(range(T))
-    if cfg.batch_prioritized:  # priority: the token's largest gate among its unmasked picks
-        top = [max([float(g) for g, m in zip(gates(s[t] if cfg.router != "hash" else None, picks[t], cfg),
-                                             mask[t]) if m], default=0.0) for t in range(T)]
-        order = sorted(order, key=lambda t: -top[t])
-    fill = [0] * E
+    # Capacity, in each sequence separately: all first picks before all second picks; within a pick,
+    # tokens in order (first come) or by decreasing top gate (batch-prioritised, stable). Each expert
+    # keeps its first C = ceil(S K capacity_factor / E) arrivals of the sequence.
+    C = dispatch.capacity(S, K, E, cfg.capacity_factor)
     kept = [[False] * K for _ in range(T)]
-    for k in range(K):
-        for t in order:
-            e = picks[t][k]
-            if mask[t][k] and fill[e] < C:
-                kept[t][k] = True
-                fill[e] += 1
+    for b in range(B):
+        order = list(range(b * S, (b + 1) * S))
+        if cfg.batch_prioritized:  # priority: the token's largest gate among its unmasked picks
+            top = {t: max([float(g) for g, m in zip(gates(s[t] if cfg.router != "hash" else None, picks[t], cfg),
+                                                    mask[t]) if m], default=0.0) for t in order}
+            order = sorted(order, key=lambda t: -top[t])
+        fill = [0] * E
+        for k in range(K):
+            for t in order:
+                e = picks[t][k]
+                if mask[t][k] and fill[e] < C:
+                    kept[t][k] = True
+                    fill[e] += 1
     return Decision(picks=picks, kept=kept)
 
 

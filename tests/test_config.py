@@ -69,7 +69,8 @@ INVALID = {
     "jitter_negative": (dict(jitter=-0.01), "jitter", -0.01, ["0 <= jitter < 1"]),
     "jitter_one": (dict(jitter=1.0), "jitter", 1.0, ["0 <= jitter < 1"]),
     "n_devices_not_dividing_n_experts": (dict(n_devices=3), "n_devices", 3, ["divisor", "n_experts=4"]),
-    "n_devices_zero": (dict(n_devices=0), "n_devices", 0, ["divisor", "n_experts=4"]),
+    "n_devices_negative": (dict(n_devices=-1), "n_devices", -1, ["divisor", "n_experts=4"]),
+    "pad_experts_to_zero": (dict(pad_experts_to=0), "pad_experts_to", 0, [">= 1"]),
     # hash_expert mixes the salt as a uint32: a salt outside [0, 2**32) passes the config today and then
     # fails with OverflowError at the first forward pass (reported bug; these fail until fixed).
     "hash_salt_negative": (dict(router="hash", top_k=1, hash_salt=-1), "hash_salt", -1, ["allowed"]),

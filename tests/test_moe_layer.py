@@ -37,9 +37,10 @@ ROUTERS = {
     "expert_choice": ("expert_choice", dict(n_experts=8, top_k=2), False),
     "hash_gelu_shared": ("hash", dict(n_experts=8, top_k=2, activation="gelu", n_shared=1), False),
 }
-# Dispatch modes. capacity_factor "drop": small enough that tokens are dropped (C = 3 < T K / E for
-# K = 2, 3; C = 2 = T K / E for K = 1, so any imbalance drops; for expert choice C = 1, so only
-# E C < T tokens are chosen); "full": E / K, so C = T and nothing can drop.
+# Dispatch modes (capacity is per sequence of S = 8 tokens). capacity_factor "drop": small enough that
+# tokens are dropped (C = 2 <= S K / E for K = 2, 3; C = 1 = S K / E for K = 1, so any imbalance drops; for
+# expert choice C = 1, so each sequence's E C = S picks cover all its tokens only if no two experts share
+# one); "full": E / K, so C = S and nothing can drop.
 DISPATCHES = {
     "cap_drop": dict(dispatch="capacity", capacity_factor="drop"),
     "cap_drop_prio": dict(dispatch="capacity", capacity_factor="drop", batch_prioritized=True),

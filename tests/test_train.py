@@ -220,7 +220,7 @@ def test_bad_config_argument(arg, match):
 @pytest.mark.parametrize("field,value,match", [
     ("steps", 0, r"TrainConfig\.steps=0"), ("schedule", "linear", r"TrainConfig\.schedule='linear'"),
     ("warmup_steps", 50, r"warmup_steps=50.*steps=12"), ("decay_at", (0.9, 0.8), r"decay_at"),
-    ("grad_accum", 3, r"grad_accum=3.*batch_size=8"),
+    ("grad_accum", 3, r"batch_size=8.*grad_accum=3"),
 ])
 def test_bad_train_values(corpus, tmp_path, field, value, match):
     c = tiny(corpus, tmp_path, **{field: value})

@@ -143,7 +143,7 @@ class _Row:
         self.trainer = train.Trainer(self.config, t, seed=0)
         self.state = self.trainer.init()
         t0 = time.perf_counter()
-        self.compiled = self.trainer.train_step.lower(self.state, batch, jnp.asarray(0, jnp.int32)).compile()
+        self.compiled = self.trainer.lower_train_step(s.batch, s.seq_len).compile()
         self.compile_s = time.perf_counter() - t0
         self.step, self.wall, self.cpu = 0, [], []
         t0 = time.perf_counter()

@@ -13,7 +13,11 @@ that each expert owns a contiguous run of rows (`Layout`). Two plans fill that b
 `dispatch` / `combine` move rows with gathers only, forward and backward (custom VJPs), because each
 assignment owns at most one row: the transpose of a one-to-one gather is the inverse gather, which is
 much cheaper than the scatter-add that plain autodiff would emit.
-Names: T tokens, K picks, E experts, C capacity, M buffer rows, G blocks, d width.
+Expert parallelism (inside a shard_map over an expert axis of D devices, see moejax.moe): `exchange_plan`,
+`exchange` and `exchange_back` send each expert's run of a sorted dropless buffer to the device holding the
+expert and the outputs back, with `jax.lax.ragged_all_to_all` where XLA has it, else
+`dense_ragged_all_to_all` (same result through a dense all_to_all).
+Names: T tokens, K picks, E experts, C capacity, M buffer rows, G blocks, d width, D devices.
 """
 from __future__ import annotations
 

@@ -307,14 +307,15 @@ def exchange_plan(counts: jax.Array, axis: str, n_devices: int, n_send: int, blo
 
 def exchange(rows: jax.Array, ex: Exchange, ragged_all_to_all) -> jax.Array:
     """Sorted rows [n_send, d] -> rows of this device's experts [n_recv, d], grouped by local expert."""
-    out = jnp.zeros((ex.layout.block_expert.shape[0] * ex.layout.block, rows.shape[1]), rows.dtype)
+    # zeros_like keeps rows' type inside shard_map: varying over the mesh axes, as the collective's result is
+    out = jnp.zeros_like(rows, shape=(ex.layout.block_expert.shape[0] * ex.layout.block, rows.shape[1]))
     return ragged_all_to_all(rows, out, ex.send_start, ex.counts, ex.dest_start, ex.recv_counts.reshape(-1),
                              axis_name=ex.axis)
 
 
 def exchange_back(ys: jax.Array, ex: Exchange, n_send: int, ragged_all_to_all) -> jax.Array:
     """The inverse of `exchange`: expert outputs [n_recv, d] back to their senders' sorted rows [n_send, d]."""
-    out = jnp.zeros((n_send, ys.shape[1]), ys.dtype)
+    out = jnp.zeros_like(ys, shape=(n_send, ys.shape[1]))
     return ragged_all_to_all(ys, out, ex.recv_start.reshape(-1), ex.recv_counts.reshape(-1),
                              ex.back_start.reshape(-1), ex.counts, axis_name=ex.axis)
 
@@ -322,11 +323,12 @@ def exchange_back(ys: jax.Array, ex: Exchange, n_send: int, ragged_all_to_all) -
 def dense_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,
                             axis_name: str):
     """jax.lax.ragged_all_to_all's result through a dense all_to_all, for platforms without the ragged
-    collective (XLA:CPU). Every device sends each peer a padded chunk of operand.shape[0] rows (the most it
-    could send one peer), so it moves D times the bytes; same arguments and result (recv_sizes unused)."""
+    collective (XLA:CPU). Every device sends each peer a padded chunk of min(operand rows, output rows) rows
+    (the most one peer can be sent), so it moves up to D times the bytes; same arguments and result
+    (recv_sizes unused)."""
     del recv_sizes
     D = jax.lax.psum(1, axis_name)
-    L = operand.shape[0]
+    L = min(operand.shape[0], output.shape[0])
     sizes = send_sizes.reshape(D, -1)  # [D, slices per device]
     pos = jnp.cumsum(sizes, 1) - sizes  # slice start inside its peer's chunk
     r = jnp.arange(L)
@@ -338,7 +340,7 @@ def dense_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_o
     n = sizes.shape[1]
     slc = jnp.minimum(sl, n - 1)
     src = jnp.take_along_axis(input_offsets.reshape(D, n), slc, 1) + r - jnp.take_along_axis(pos, slc, 1)
-    chunks = _take(operand, jnp.where(sl < n, src, L).reshape(-1)).reshape(D, L, -1)
+    chunks = _take(operand, jnp.where(sl < n, src, operand.shape[0]).reshape(-1)).reshape(D, L, -1)  # [D, L, d]
     a2a = lambda a: jax.lax.all_to_all(a, axis_name, 0, 0, tiled=True)
     recv, r_sizes, r_pos, r_out = a2a(chunks), a2a(sizes), a2a(pos), a2a(output_offsets.reshape(D, n))
     sl = jax.vmap(locate, (0, None))(jnp.cumsum(r_sizes, 1), r)  # [D, L] slice of each received row

@@ -402,7 +402,8 @@ class MoE(nnx.Module):
         n = sharding.axis_size("expert", mesh)
         check_placement(c, n)
         f = c.expert_width
-        tensor = [a for a in sharding.mesh_axes("mlp", mesh) if f % sharding.axis_size(a, mesh) == 0]
+        tensor = [a for a in sharding.mesh_axes("mlp", mesh) if sharding.axis_size(a, mesh) > 1
+                  and f % sharding.axis_size(a, mesh) == 0]
         par = _Parallel("expert" if n > 1 else None, n, tensor[0] if tensor else None)
         batch = sharding.spec(("batch",), mesh=mesh)
         w_specs = (P(par.expert, None, None, par.tensor), P(par.expert, par.tensor, None))

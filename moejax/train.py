@@ -233,8 +233,8 @@ def _checkpoint_manager(workdir: str, t: config_lib.TrainConfig) -> ocp.Checkpoi
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
-def _restore(mngr, step, trainer, config_dict):
-    """Restore (state, data iterator state) at `step`, refusing a checkpoint of another config."""
+def _restore(mngr, step, trainer, config_dict, train_iter):
+    """Restore the state at `step` (returned) and train_iter's position, refusing a checkpoint of another config."""
     def read(**args):
         try:
             return mngr.restore(step, args=ocp.args.Composite(**args))
@@ -249,12 +249,25 @@ def _restore(mngr, step, trainer, config_dict):
         raise IncompatibleCheckpointError(
             f"{mngr.directory} holds a checkpoint (step {step}) of a different config; refusing to resume or "
             f"overwrite it. Use a new --workdir, or the saved config. Differences: " + "; ".join(diff))
-    r = read(state=ocp.args.StandardRestore(trainer.abstract_state()), data=ocp.args.JsonRestore())
-    return r["state"], r["data"]
+    import glob
+    import grain
+
+    saved = glob.glob(os.path.join(str(mngr.directory), str(step), "data", "process_*-of-*.json"))
+    n_saved = sorted({int(f.rsplit("-of-", 1)[1].split(".")[0]) for f in saved})
+    if n_saved and jax.process_count() not in n_saved:  # grain saves one position per process
+        raise IncompatibleCheckpointError(
+            f"checkpoint step {step} in {mngr.directory} holds the data positions of {n_saved[0]} processes; "
+            f"this run has {jax.process_count()}. Each process reads its own documents, so resume with "
+            f"{n_saved[0]} processes (any mesh), or use a new --workdir.")
+    return read(state=ocp.args.StandardRestore(trainer.abstract_state()),
+                data=grain.checkpoint.CheckpointRestore(train_iter))["state"]
 
 
-def _save(mngr, step, state, data_state, config_dict):
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+def _save(mngr, step, state, train_iter, config_dict):
+    import grain  # data: one file per process (process_I-of-N.json), as each process reads its own documents
+
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                            data=grain.checkpoint.CheckpointSave(train_iter),
                                             config=ocp.args.JsonSave(config_dict)), force=True)
 
 
@@ -290,8 +303,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     mngr = _checkpoint_manager(workdir, t)
     step = mngr.latest_step() or 0
     if step:
-        state, data_state = _restore(mngr, step, trainer, config_dict)
-        train_iter.set_state(data_state)
+        state = _restore(mngr, step, trainer, config_dict, train_iter)
         _log(f"resumed from step {step} in {mngr.directory}")
     else:
         state = trainer.init()
@@ -339,7 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
                     bar.write(f"step {step}: val_loss {ev['val_loss']:.4f} nats/token, {ev['val_bpb']:.4f} bits/byte")
                     window_start, timed = time.time(), 0  # eval time does not count against tokens/s
                 if save_now or signals.received:
-                    _save(mngr, step, state, train_iter.get_state(), config_dict)
+                    _save(mngr, step, state, train_iter, config_dict)
                     last_ok = step
                 bar.update(1)
             summary["interrupted"] = signals.received and signals.received.name

@@ -36,3 +36,68 @@ def test_train_throughput_quick(tmp_path):
         assert r["scale"] == "tiny" and len(r["times_ms"]) == 1 and r["tokens_per_s"] > 0
         assert math.isfinite(r["ratio_vs_dense"]) and math.isfinite(r["ratio_vs_equal_active"])
         assert math.isfinite(r["loss_last"]) and r["temp_mib"] > 0 and r["flops_per_token"] > 0
+
+
+def test_expert_parallel_quick(tmp_path):
+    """Smoke test of experiments/benchmarks/expert_parallel.py on 8 simulated CPU devices: GShard at tiny
+    shapes, dropless and capacity, on data=8 and expert=8, one timed round. The HLO must move at least the
+    minimum bytes (T K d x 4 x (1 - 1/D) per direction) on the expert-parallel all-to-all paths, and no
+    token rows at all on the data-parallel mesh."""
+    from experiments.benchmarks import expert_parallel
+
+    out = tmp_path / "rows.json"
+    expert_parallel.main(["--quick", "--no-tpu", "--methods", "gshard", "--meshes", "data=8;expert=8",
+                          "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert {(r["dispatch"], r["mesh"]) for r in rows} == {
+        (d, m) for d in ("dropless", "capacity") for m in ("data=8", "expert=8")}
+    for r in rows:
+        assert r["platform"] == "cpu" and r["method"] == "gshard" and r["fwd_bwd_error"] is None
+        assert r["collectives_in_loops"] == 0 and len(r["times_ms"]) == 1 and r["step_ms"] > 0
+        assert math.isfinite(r["ratio_vs_data"]) and r["temp_mib"] >= 0
+        if r["mesh"] == "data=8":
+            assert r["ratio_vs_data"] == 1.0 and r["min_fwd_mib"] == 0 and r["hlo_fwd_bwd_mib"] == 0
+            assert r["allreduce_fwd_bwd_mib"] > 0  # replicated expert weights: gradients summed
+            continue
+        assert r["exchange_ops"] == ["all-to-all"] and r["exchange_dtypes"] == ["f32"]
+        assert r["hlo_fwd_mib"] >= r["min_fwd_mib"] > 0 and r["hlo_fwd_bwd_mib"] >= r["min_fwd_bwd_mib"]
+        assert r["hlo_fwd_bwd_mib"] >= 2 * r["hlo_fwd_mib"] * 0.999  # the backward exchanges as much again
+        assert 0 < r["routed_fwd_mib"] <= r["min_fwd_mib"] * 8 / 7 + 1e-9  # no more than every pick, sent away
+        if r["dispatch"] == "capacity":  # fixed [b, E, C, d] buffers: E C / (S K) = capacity factor 1.25
+            assert abs(r["hlo_vs_min_fwd"] - 1.25) < 0.01
+
+
+def test_expert_parallel_reads_collectives():
+    """expert_parallel.collectives on hand-written HLO: bytes one device sends per collective, the group
+    size in its three spellings, async pairs counted once, operand types looked up by name."""
+    from experiments.benchmarks import expert_parallel
+
+    hlo = """HloModule m
+%body.1 (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %ar.9 = f32[4]{0} all-reduce(%p), replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%add
+}
+ENTRY %main.1 (a: f32[2,16,8,4], b: s32[8], c: f32[6,4]) -> f32[2,16,8,4] {
+  %a = f32[2,16,8,4]{3,2,1,0} parameter(0)
+  %b = s32[8]{0} parameter(1)
+  %c = f32[6,4]{1,0} parameter(2)
+  %a2a = f32[2,16,8,4]{3,2,1,0} all-to-all(%a), channel_id=1, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={1}
+  %ag = s32[64]{0} all-gather(%b), replica_groups=mesh['axis_0'=8,'axis_1'=1] {'axis_0'}, dimensions={0}
+  %out = f32[48,4]{1,0} parameter(3)
+  %r = f32[48,4]{1,0} ragged-all-to-all(%c, %out, %b, %b, %b, /*index=5*/%b), replica_groups=[1,8]<=[8]
+  %ars = f32[6,4]{1,0} all-reduce-start(%c), replica_groups=[2,4]<=[8], to_apply=%add
+  %ard = f32[6,4]{1,0} all-reduce-done(%ars)
+  %w = f32[4]{0} while(%c), condition=%cond.1, body=%body.1
+  ROOT %t = (f32[2,16,8,4]{3,2,1,0}, s32[64]{0}) tuple(%a2a, %ag)
+}
+"""
+    ops = {o["name"]: o for o in expert_parallel.collectives(hlo, 8)}
+    assert set(ops) == {"ar.9", "a2a", "ag", "r", "ars"}
+    assert ops["a2a"]["bytes"] == 2 * 16 * 8 * 4 * 4 * 7 / 8 and ops["a2a"]["kind"] == "exchange"
+    assert ops["ag"]["bytes"] == 8 * 4 * 7 and ops["ag"]["kind"] == "metadata"
+    assert ops["r"]["bytes"] == 6 * 4 * 4 and ops["r"]["ragged_rows"] == 6 and ops["r"]["row_bytes"] == 16
+    assert ops["ars"]["bytes"] == 2 * 6 * 4 * 4 * 3 / 4 and ops["ars"]["kind"] == "all-reduce"
+    assert ops["ar.9"]["in_loop"] and ops["ar.9"]["bytes"] == 2 * 4 * 4 / 2
+    assert not any(o["in_loop"] for n, o in ops.items() if n != "ar.9")
+    s = expert_parallel.summarize(list(ops.values()), routed_rows=2)
+    assert s["exchange"] == ops["a2a"]["bytes"] + 96 and s["wire"] == ops["a2a"]["bytes"] + 2 * 16

@@ -264,6 +264,12 @@ def test_resume_on_a_different_mesh(tmp_path):
     resumed = {r["step"]: r["loss"] for r in metrics_lib.read_jsonl(w / "metrics.jsonl") if "loss" in r}
     assert sorted(resumed) == [3, 4]
     np.testing.assert_allclose([resumed[3], resumed[4]], [first[3], first[4]], **F32)
+    # a checkpoint of a 2-process run cannot resume in 1 process: each process's data position is its own
+    shutil.rmtree(w / "checkpoints" / "4")
+    data = w / "checkpoints" / "2" / "data"
+    os.rename(data / "process_0-of-1.json", data / "process_0-of-2.json")
+    with pytest.raises(train.IncompatibleCheckpointError, match=r"data positions of 2 processes; this run has 1"):
+        train.train_and_evaluate(c, str(w), progress=False)
 
 
 def test_balance_device_loss_default_groups_unchanged():
@@ -272,3 +278,17 @@ def test_balance_device_loss_default_groups_unchanged():
     ids = jax.lax.top_k(probs, 2)[1]
     want = _device_loss_by_hand(np.asarray(probs), np.asarray(ids), [range(0, 4), range(4, 8)])
     np.testing.assert_allclose(balance.device_balance_loss(probs, ids, 2), want, **F32)
+
+
+def test_ragged_exchange_traces_with_gradients(monkeypatch):
+    """The dropless exchange as TPU and GPU run it (jax.lax.ragged_all_to_all, which XLA:CPU cannot compile):
+    forward and backward lower to ragged-all-to-all (its buffers carry the device-varying type that the
+    custom VJPs of dispatch/combine need)."""
+    monkeypatch.setattr(dispatch, "RAGGED_PLATFORMS", ("cpu",))
+    cfg = moe.gshard(16, 32, n_experts=8, dispatch="dropless")
+    layer = moe.MoE(cfg, rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+    loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p, rest)(x)[0] ** 2)
+    with sharding.use(mesh_of("data2_expert4")):
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, jnp.ones((8, 4, 16))).as_text()
+    assert hlo.count("ragged_all_to_all") >= 4  # there and back, forward and backward

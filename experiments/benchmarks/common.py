@@ -23,3 +23,13 @@ def write_json(path: str, rows: list[dict]) -> None:
     with open(path, "w") as fh:
         json.dump([{k: nan_to_null(v) for k, v in r.items()} for r in rows], fh, indent=1)
     print(f"wrote {len(rows)} rows to {path}")
+
+
+def available_mib() -> float:
+    """MemAvailable of /proc/meminfo in MiB (inf where unknown): benchmarks skip runs that would not fit."""
+    try:
+        with open("/proc/meminfo") as fh:
+            info = dict(line.split(":", 1) for line in fh)
+        return float(info["MemAvailable"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        return float("inf")

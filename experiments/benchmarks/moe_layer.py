@@ -168,20 +168,11 @@ def measure(shape: Shape, dispatch, backend, extra, dense, repeats: int, max_run
     return row
 
 
-def _available_mib() -> float:
-    try:
-        with open("/proc/meminfo") as fh:
-            info = dict(line.split(":", 1) for line in fh)
-        return float(info["MemAvailable"].split()[0]) / 1024
-    except (OSError, KeyError, ValueError):
-        return float("inf")
-
-
 def run(quick: bool, repeats: int, max_run_gib: float | None = None, log=print) -> list[dict]:
     """All rows. Every MoE row's ratio is against dense runs interleaved with its own runs; the dense
     row itself is the median of all those dense runs. Steps whose compiled temp memory exceeds
     max_run_gib (default: half the memory available at start) are compiled but not run."""
-    max_run_mib = max_run_gib * 1024 if max_run_gib is not None else 0.5 * _available_mib()
+    max_run_mib = max_run_gib * 1024 if max_run_gib is not None else 0.5 * common.available_mib()
     rows = []
     for shape in (QUICK_SHAPES if quick else FULL_SHAPES):
         log(f"shape {shape}")

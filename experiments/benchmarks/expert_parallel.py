@@ -39,11 +39,11 @@ rounds of t(mesh) / t(data=8) of the same round. The 8 simulated devices share t
 these ratios measure compute and copying overheads of each mesh's program, not a network.
 
 Steps whose compiled temp memory over the 8 devices exceeds --max-run-gib (default: half of MemAvailable)
-are compiled but not run (deepseekmoe dropless expert=8 needs 8 x 2.1 GiB at the default shape; --seq 128
-runs it). --quick: tiny shapes (d 32, d_ff 64, 16 x 64 tokens), dropless and capacity 1.25, 1 timed
-round, CPU only. Expected (2-core x86_64, 24 GB, JAX 0.10.2, load average 7-10 from other jobs; results in
-README.md): full run 14 min (TPU compiles 2-60 s each), --seq 128 --no-tpu --dispatch dropless 2.5 min,
---quick 3 min, the smoke test (--quick --methods gshard --meshes 'data=8;expert=8') 45-60 s.
+are compiled but not run (the largest at the default shape, deepseekmoe dropless expert=8, needs 8 x 0.66
+GiB). --quick: tiny shapes (d 32, d_ff 64, 16 x 64 tokens), dropless and capacity 1.25, 1 timed
+round, CPU only. Expected (2-core x86_64, 24 GB, JAX 0.10.2, load average 2-5 from other jobs; results in
+README.md): full run 6.5 min (TPU compiles 7-16 s each), --seq 128 --no-tpu --dispatch dropless 1.5 min,
+--quick 3 min (under load 7-10), the smoke test (--quick --methods gshard --meshes 'data=8;expert=8') 25-60 s.
 """
 from __future__ import annotations
 

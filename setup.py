@@ -28,7 +28,10 @@ setuptools.setup(
         "tqdm>=4.66",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5"],
+        # jax[tpu] adds the libtpu release matching whichever jax is installed (its tpu extra pins it), so
+        # tests compile for TPU topologies ahead of time (moejax.aot) on any Linux machine; no TPU needed.
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5",
+                 f'jax[tpu]>={JAX_VERSION}; sys_platform == "linux"'],
         # libtpu must match jax exactly: the tpu extra pins jax itself.
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],
         "cuda": [f"jax[cuda12]>={JAX_VERSION}"],

@@ -40,7 +40,7 @@ def model_config(method: str, dispatch_mode: str) -> model_lib.ModelConfig:
     padded to 64 slots for the expert axis) at d 32; capacity dispatch drops tokens (factor 1)."""
     m = table1.moe_config(method, 32, 64)
     m = dataclasses.replace(m, dispatch=dispatch_mode, capacity_factor=1.0, pad_experts_to=8)
-    return model_lib.ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=2, moe=m, max_len=S)
+    return model_lib.ModelConfig(vocab_size=V, d_model=32, n_layers=1, n_heads=2, moe=m, max_len=S)
 
 
 def batch(seed: int) -> dict:

@@ -1,0 +1,243 @@
+"""Ahead-of-time compiles of the full training step for TPU topologies through libtpu (moejax.aot), on a
+machine without a TPU: memory per chip, FLOPs per step, the fit check and the CLI's errors.
+
+Importing moejax.aot sets libtpu's environment (a single TPU-less host, no lockfile) before jax loads its
+backends: pytest collects this module first and conftest only imports jax. CPU tests keep running on CPU
+(test_cpu_devices_unchanged).
+
+FLOPs: XLA counts what is compiled. For a dense model that is the analytic 6 N + attention (checked to 5%);
+for dropless MoE layers it is every row of the static dispatch buffers (`compiled_flops` below): worst-case
+padding to blocks ('blocked'), D x the rows under expert parallelism (the receive buffer holds every row
+all D devices could send), and for 'ragged_dot' a weight gradient over every local expert group (XLA:TPU
+lowers the transposed ragged dot to a dense masked convolution).
+"""
+import importlib.util
+import json
+import math
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed (pip install -e '.[test]' installs it on Linux); compiling for a TPU "
+                "topology needs it", allow_module_level=True)
+
+import jax  # noqa: E402
+
+from moejax import aot  # noqa: E402  (sets the libtpu environment)
+from moejax import config as config_lib  # noqa: E402
+from moejax import dispatch  # noqa: E402
+from moejax import sharding  # noqa: E402
+from moejax import train  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GIB = 2**30
+
+
+@pytest.fixture(autouse=True)
+def training_precision():
+    """Compile with the matmul precision training uses, not conftest's 'highest' (set for the CPU reference
+    checks): XLA:TPU's ragged_dot kernel rejects bf16 operands at fp32 precision ("Bad lhs type")."""
+    with jax.default_matmul_precision("default"):
+        yield
+
+
+def config(name: str, arg: str | None = None, **overrides):
+    """configs/<name>.py:arg with dotted overrides, e.g. config('deepseekmoe_16b', train__grad_accum=36)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config(arg)
+    for key, value in overrides.items():
+        *path, last = key.split("__")
+        node = c
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return c
+
+
+def trainer_for(c, topology: str, mesh: dict | None = None) -> train.Trainer:
+    """The Trainer compile_report builds (for its shapes and shardings)."""
+    run = config_lib.to_typed(c)
+    mesh = sharding.make_mesh(aot.mesh_config(run.mesh, mesh), aot.topology_devices(topology))
+    return train.Trainer(run.model_config(aot.vocab_size(run)), run.train, run.seed, mesh)
+
+
+def argument_bytes(trainer: train.Trainer, batch: int, seq_len: int) -> int:
+    """Bytes of one device's shards of the step's arguments: state, batch, step."""
+    def shard(x):
+        return x.dtype.itemsize * math.prod(x.sharding.shard_shape(x.shape))
+    leaves = jax.tree.leaves((trainer.abstract_state(), trainer.abstract_batch(batch, seq_len)))
+    return sum(shard(x) for x in leaves) + 4
+
+
+def compiled_flops(trainer: train.Trainer, batch: int, seq_len: int, backend: str) -> float:
+    """FLOPs per device per step that XLA counts for this model (see the module docstring).
+
+    Per token: attention, dense FFNs, router and unembedding 6 N + 12 L d S (moejax.metrics); routed experts
+    per MoE layer 2 mats d f per buffer row in the forward pass, the same for the input gradient and
+    (blocked) for the weight gradient, which 'ragged_dot' computes for each of its G local expert groups.
+    Rematerialisation adds a forward pass (x 4/3 for the rest, + 2 per row for the experts)."""
+    m, t = trainer.model_config, trainer.train
+    mesh = trainer.mesh
+    D = sharding.axis_size("expert", mesh)
+    T = batch * seq_len // (sharding.batch_shards(mesh) * t.grad_accum)  # tokens per device per micro-batch
+    total, moe_rows = 0.0, 0.0
+    for layer in range(m.n_layers):
+        c = m.ffn_config(layer)
+        mats = 3 if c.activation == "swiglu" else 2
+        total += 6 * (4 * m.d_model**2 + mats * m.d_model * c.expert_width * c.n_shared + m.d_model * c.n_experts) * T
+        total += 12 * m.d_model * seq_len * T
+        if not c.n_experts:
+            continue
+        E, K = c.n_slots, c.top_k
+        if D == 1:
+            block = 1 if backend == "ragged_dot" else dispatch.auto_block(T * K, E)
+            rows = (T * K + E * (block - 1)) // block * block
+        else:
+            block = 1 if backend == "ragged_dot" else dispatch.auto_block(D * T * K, E)
+            rows = -(-(D * T * K + E // D * (block - 1)) // block) * block
+        groups = E // D if backend == "ragged_dot" else 1
+        passes = 2 + 2 + 2 * groups + (2 if m.remat else 0)
+        moe_rows += passes * rows * mats * m.d_model * c.expert_width
+    total += 6 * m.d_model * m.vocab_size * T
+    return (total * (4 / 3 if m.remat else 1.0) + moe_rows) * t.grad_accum
+
+
+def check_report(r: dict, c, topology: str, mesh: dict | None, backend: str) -> None:
+    """Memory numbers positive, arguments = the state and batch shards (TPU layouts pad some dimensions to
+    tiles: measured 0-3.5% more), outputs
+    aliased to the donated state, total = args + outputs + temps - aliased, FLOPs as `compiled_flops`."""
+    trainer = trainer_for(c, topology, mesh)
+    assert min(r["argument_bytes"], r["output_bytes"], r["temp_bytes"], r["alias_bytes"]) > 0
+    shards = argument_bytes(trainer, r["batch"], r["seq_len"])
+    assert shards <= r["argument_bytes"] <= 1.05 * shards
+    assert r["alias_bytes"] == pytest.approx(r["output_bytes"], rel=0.01)
+    assert r["total_bytes"] == r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"] - r["alias_bytes"]
+    assert r["fits"] == (r["total_bytes"] <= r["hbm_bytes"])
+    assert r["flops_total"] == pytest.approx(r["flops_per_chip"] * r["devices"])
+    assert r["flops_per_chip"] == pytest.approx(compiled_flops(trainer, r["batch"], r["seq_len"], backend), rel=0.05)
+
+
+# ----- bad input: clear errors before anything is compiled ---------------------------------------------
+
+
+def test_unknown_topology_names_value_and_examples():
+    for name in ("v9z:2x2", "v5p-128", ""):
+        with pytest.raises(ValueError) as e:
+            aot.topology_devices(name)
+        assert repr(name) in str(e.value) and all(x in str(e.value) for x in aot.KNOWN_EXAMPLES)
+
+
+@pytest.mark.parametrize("mesh, overrides, message", [
+    ({"data": 8}, {}, "has 8 devices but 4 are available"),
+    ({"fsdp": 3, "data": -1}, {}, "4 is not divisible"),
+    ({"data": 4}, {"data__batch_size": 6}, "data.batch_size=6 is invalid"),
+    ({"data": 4}, {"train__grad_accum": 3}, "train.grad_accum=3 .* i.e. of 12"),
+    ({"expert": 4}, {}, "n_experts=63"),  # 63 routed experts on an expert axis of 4: pad_experts_to
+])
+def test_bad_mesh_batch_experts_are_value_errors(mesh, overrides, message):
+    c = config("deepseekmoe_table1", "method=deepseekmoe,scale=tiny", **overrides)
+    with pytest.raises(ValueError, match=message):
+        aot.compile_report(c, "v5e:2x2", mesh)
+
+
+def test_known_topologies_and_hbm():
+    """Device kinds libtpu reports and the HBM per device (v4: 2 cores = 2 devices per chip)."""
+    got = {t: (len(d := aot.topology_devices(t)), d[0].device_kind, aot.hbm_bytes(d) // GIB)
+           for t in aot.KNOWN_EXAMPLES}
+    assert got == {"v5p:4x4x4": (64, "TPU v5", 95), "v5e:2x2": (4, "TPU v5 lite", 16),
+                   "v4:2x2x1": (8, "TPU v4", 16), "v6e:2x2": (4, "TPU v6 lite", 32)}
+
+
+def test_cpu_devices_unchanged():
+    """TPU topology descriptions leave the default backend alone: CPU tests still run on CPU."""
+    before = jax.devices()
+    aot.topology_devices("v5e:2x2")
+    assert jax.devices() == before and jax.default_backend() != "tpu"
+    assert jax.numpy.ones(3).sum() == 3
+
+
+def _cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "moejax.aot", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_errors_are_one_line():
+    tiny = "--config=configs/deepseekmoe_table1.py:scale=tiny"
+    for args, needle in [((tiny, "--topology=v9z:2x2"), "'v9z:2x2'"),
+                         ((tiny, "--topology=v5e:2x2", "--mesh=data=8"), "has 8 devices but 4"),
+                         ((tiny, "--topology=v5e:2x2", "--mesh=dta=4"), "--mesh='dta=4' is invalid"),
+                         ((tiny, "--topology=v5e:2x2", "--config.trian.steps=3"), 'Did you mean "train"')]:
+        p = _cli(*args)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+        assert lines[-1].startswith("moejax: error:") and needle in lines[-1], p.stderr
+
+
+def test_cli_step_that_does_not_fit(tmp_path):
+    """A 6.5M-token vocabulary (embedding and Adam moments 9.75 GiB per chip, replicated) does not fit a
+    16 GiB v5e chip: one-line error, exit status 1. (Here the TPU compiler itself refuses: 16.26 GiB
+    needed, 15.75 GiB usable; a step it compiles that exceeds HBM writes its report first, fits false.)"""
+    out = tmp_path / "r.json"
+    p = _cli("--config=configs/deepseekmoe_table1.py:method=dense,scale=tiny", "--topology=v5e:2x2",
+             "--config.model.vocab_size=6815744", "--config.data.batch_size=4", f"--json={out}")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "does not fit" in p.stderr.strip().splitlines()[-1]
+    assert not out.exists() or not json.loads(out.read_text())["fits"]
+
+
+# ----- FLOPs: the micro-batch scan ----------------------------------------------------------------------
+
+
+def test_flops_scan_correction_matches_analytic_dense():
+    """XLA counts the grad_accum scan body once: the same count for 1 and 2 micro-batches of the same size,
+    so flops_per_chip = grad_accum x count; for a dense model it is the analytic 6 N + 12 L d S."""
+    reports = [aot.compile_report(config("deepseekmoe_table1", "method=dense,scale=small", data__batch_size=4 * a,
+                                         train__grad_accum=a), "v5e:2x2") for a in (1, 2)]
+    one, two = reports
+    assert two["compiler_flops_per_chip"] == pytest.approx(one["compiler_flops_per_chip"], rel=0.01)
+    assert two["flops_per_chip"] == pytest.approx(2 * one["flops_per_chip"], rel=0.01)
+    for r in reports:
+        assert r["flops_per_chip"] == pytest.approx(r["model_flops_per_chip"], rel=0.05)
+
+
+# ----- paper-scale configs ------------------------------------------------------------------------------
+
+
+def test_table1_paper_deepseekmoe_on_v5e_2x2():
+    """(a) Table-1 DeepSeekMoE at paper scale (2.0B parameters) on 4 v5e chips, parameters and Adam moments
+    split 4 ways (fsdp), one sequence per chip per micro-batch (grad_accum 512), blocks rematerialised:
+    16.26 GiB per chip, just over the 16 GiB of a v5e chip (5.75 GiB of parameters and moments, 2 x 1.9 GiB
+    of float32 gradients). 'blocked' experts: the default 'ragged_dot' needs 17.60 GiB and 13x the FLOPs
+    (module docstring). On v5e:2x4 (fsdp=8, grad_accum 256) it fits: 12.74 GiB per chip."""
+    mesh = {"fsdp": 4}
+    c = config("deepseekmoe_table1", "method=deepseekmoe,scale=paper", model__vocab_size=8192,
+               model__remat=True, train__grad_accum=512, model__moe__backend="blocked")
+    r = aot.compile_report(c, "v5e:2x2", mesh)
+    check_report(r, c, "v5e:2x2", mesh, "blocked")
+    assert (r["chips"], r["device_kind"], r["hbm_bytes"]) == (4, "TPU v5 lite", 16 * GIB)
+    assert not r["fits"] and 16 * GIB < r["total_bytes"] < 20 * GIB
+
+
+def test_table1_paper_expert_parallel_on_v5p_4x4x4():
+    """(b) The same model with expert parallelism on 64 v5p chips: 63 routed experts padded to 64 slots,
+    4 per chip (expert=16), fsdp=4, the default TPU backends (ragged_dot, ragged_all_to_all)."""
+    mesh = {"fsdp": 4, "expert": 16}
+    c = config("deepseekmoe_table1", "method=deepseekmoe,scale=paper", model__vocab_size=8192,
+               model__remat=True, train__grad_accum=32, model__moe__pad_experts_to=16)
+    r = aot.compile_report(c, "v5p:4x4x4", mesh)
+    check_report(r, c, "v5p:4x4x4", mesh, "ragged_dot")
+    assert r["mesh"] == {"data": 1, "fsdp": 4, "expert": 16, "tensor": 1} and r["fits"]
+
+
+def test_deepseekmoe_16b_fits_v5p_4x4x4():
+    """(c) configs/deepseekmoe_16b.py as documented there: fits a v5p chip's 95 GiB on v5p:4x4x4."""
+    c = config("deepseekmoe_16b")
+    r = aot.compile_report(c, "v5p:4x4x4")
+    check_report(r, c, "v5p:4x4x4", None, "blocked")
+    assert r["fits"] and r["hbm_bytes"] == 95 * GIB and r["chips"] == 64
+    assert r["active_params"] == pytest.approx(2.62e9, rel=0.01)

@@ -1,0 +1,272 @@
+"""Grouped matrix multiplication for Mixture-of-Experts layers (MegaBlocks, Gale et al. 2023, section 5).
+
+Rows [m, k] sorted by group (expert); group i owns `group_sizes[i]` consecutive rows, and each group's
+rows are multiplied by that group's weights:
+
+    gmm(lhs [m, k], rhs [G, k, n], group_sizes [G]) -> [m, n]     out[r] = lhs[r] @ rhs[group of r]
+    tgmm(lhs [m, k], grad [m, n], group_sizes [G]) -> [G, k, n]   out[i] = lhs[rows of i]^T @ grad[rows of i]
+
+tgmm is gmm's weight gradient; both carry a custom VJP built from the pair, so any order of derivative
+works. Options:
+- transpose_rhs: rhs is [G, n, k] and out[r] = lhs[r] @ rhs[i]^T (gmm's input gradient uses it).
+- group_offset (static or traced int): rhs holds only the G_local = rhs.shape[0] groups
+  [group_offset, group_offset + G_local) of the G in group_sizes (an expert-parallel shard's experts).
+- Rows of other groups and rows past sum(group_sizes) come out as zeros (gmm), and are ignored (tgmm);
+  groups are clipped at row m, so sizes summing to more than m simply end there.
+- float32 or bfloat16 inputs (lhs and rhs alike), float32 accumulation; the output has
+  preferred_element_type (default: the inputs' dtype).
+
+Implementations, by `platform` (default: `default_platform()`, from the devices of the current mesh, so
+that ahead-of-time compilation for a TPU topology from a CPU host picks the TPU kernel):
+- 'tpu': Mosaic kernels, pallas_kernels/gmm_tpu.py;  'gpu': Pallas Triton kernels, pallas_kernels/gmm_gpu.py;
+- 'interpret' (CPU): the TPU kernels in the TPU interpret mode (`pltpu.InterpretParams()`, which also works
+  inside jax.shard_map); slow, for tests and small runs.
+`interpret=` (True or a pltpu.InterpretParams) runs the chosen kernels interpreted.
+
+Tiles (tm, tk, tn) default to `default_tiling(platform, m, k, n, dtype)`:
+- TPU: tm = min(m, 512), tk = min(k, 512), tn = min(n, 1024). Blocks are double-buffered in VMEM:
+  2 (tm tk + tk tn + tm tn) bytes + a float32 [tm, tn] accumulator is at most 7 MiB for bfloat16, under
+  every TPU generation's default scoped VMEM (16 MiB on v5e). tgmm uses (tm, tk, tn) likewise with a
+  [tk, tn] accumulator. A partial last tile is masked (k) or clipped on write (m, n).
+- GPU: tm = tn = 128, tk = 64 (32 for float32), 4 warps, 3 pipeline stages (not tuned on a GPU yet).
+A tiling passed in is clipped to the shapes on TPU (a tile larger than its dimension covers it whole).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import gmm_gpu, gmm_tpu
+from pallas_kernels.metadata import group_metadata, vary_alike
+
+DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+PLATFORMS = ("tpu", "gpu", "interpret")
+VMEM_BUDGET = 48 * 2**20  # bytes of VMEM a kernel may ask for (v7x has 64 MiB per core; older chips more)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    transpose_rhs: bool
+    n_local: int  # G_local: groups whose weights rhs holds (tgmm: groups of the output)
+    out_dtype: Any
+    tiling: tuple[int, int, int] | None
+    platform: str | None
+    interpret: Any
+
+
+def default_tiling(platform: str, m: int, k: int, n: int, dtype) -> tuple[int, int, int]:
+    """(tm, tk, tn) by the rule in the module docstring."""
+    if platform == "gpu":
+        return 128, 32 if jnp.dtype(dtype) == jnp.float32 else 64, 128
+    return min(m, 512), min(k, 512), min(n, 1024)
+
+
+def _vmem_bytes(tiling, in_bytes, out_bytes, tgmm: bool) -> int:
+    tm, tk, tn = tiling
+    acc = tk * tn if tgmm else tm * tn
+    out = tk * tn if tgmm else tm * tn
+    return 2 * (in_bytes * (tm * tk + (tm * tn if tgmm else tk * tn)) + out_bytes * out) + 4 * acc
+
+
+def _check_tiling(name, platform, tiling, dims, dtype, out_dtype, tgmm):
+    """Mosaic blocks: each tile a multiple of the TPU tile (8 or 16 rows, 128 lanes) or the whole
+    dimension, and the blocks fit VMEM_BUDGET. Triton blocks: powers of two, at least 16."""
+    if len(tiling) != 3 or not all(isinstance(t, int) and t > 0 for t in tiling):
+        raise ValueError(f"{name}: tiling={tiling!r} must be three positive ints (tm, tk, tn)")
+    if platform == "gpu":
+        if not all(t >= 16 and t & (t - 1) == 0 for t in tiling):
+            raise ValueError(f"{name}: tiling={tiling} for the GPU kernel must be powers of two >= 16")
+        return
+    sub = 16 if jnp.dtype(dtype) == jnp.bfloat16 else 8
+    for t, d, align, what in zip(tiling, dims, (sub, 128, 128), ("tm", "tk", "tn")):
+        if t < d and t % align:
+            raise ValueError(f"{name}: {what}={t} with that dimension {d}: a TPU tile must be a multiple of "
+                             f"{align}, or cover the whole dimension (tiling={tiling})")
+    need = _vmem_bytes(tiling, jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize, tgmm)
+    if need > VMEM_BUDGET:
+        raise ValueError(f"{name}: tiling={tiling} needs {need / 2**20:.1f} MiB of VMEM for shapes (m, k, n)="
+                         f"{dims}; at most {VMEM_BUDGET // 2**20} MiB is allowed: use smaller tiles")
+
+
+def _check(name, lhs, rhs, group_sizes, group_offset, rhs_k_axis):
+    if lhs.ndim != 2 or rhs.ndim != 3:
+        raise ValueError(f"{name}: expected lhs [m, k] and rhs [G, k, n] (or [G, n, k] with transpose_rhs); "
+                         f"got lhs {lhs.shape}, rhs {rhs.shape}")
+    if lhs.dtype != rhs.dtype or jnp.dtype(lhs.dtype) not in DTYPES:
+        raise ValueError(f"{name}: lhs {lhs.dtype} and rhs {rhs.dtype} must have one dtype among float32, "
+                         f"bfloat16 (cast first)")
+    if lhs.shape[1] != rhs.shape[rhs_k_axis]:
+        raise ValueError(f"{name}: contraction sizes differ: lhs {lhs.shape} has k={lhs.shape[1]}, rhs "
+                         f"{rhs.shape} has {rhs.shape[rhs_k_axis]} on axis {rhs_k_axis}")
+    _check_groups(name, group_sizes, group_offset, rhs.shape[0], lhs.shape[0])
+
+
+def _check_groups(name, group_sizes, group_offset, n_local, m):
+    if group_sizes.ndim != 1 or group_sizes.dtype != jnp.int32:
+        raise ValueError(f"{name}: group_sizes must be a 1-D int32 array; got {group_sizes.dtype}"
+                         f"{list(group_sizes.shape)}")
+    G = group_sizes.shape[0]
+    if n_local < 1 or n_local > G:
+        raise ValueError(f"{name}: {n_local} local groups with group_sizes of length {G}: need 1 <= G_local <= G")
+    if isinstance(group_offset, int) and not 0 <= group_offset <= G - n_local:
+        raise ValueError(f"{name}: group_offset={group_offset} with {n_local} local groups of {G}: "
+                         f"allowed 0..{G - n_local}")
+    if m < 1:
+        raise ValueError(f"{name}: lhs has m={m} rows; need at least 1")
+
+
+def _resolve(platform):
+    if platform not in (None,) + PLATFORMS:
+        raise ValueError(f"platform={platform!r}; allowed: None (default_platform()), {PLATFORMS}")
+    return platform
+
+
+def _vmem_limit(need: int) -> int:
+    return min(VMEM_BUDGET, max(32 * 2**20, 2 * need))
+
+
+def default_platform() -> str:
+    """'tpu' or 'gpu' by the devices of the current mesh (jax.set_mesh or inside jax.shard_map; ahead of
+    time for a TPU topology these are its TPU devices), else by jax.default_backend(); 'interpret' on CPU."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh is None or mesh.empty else getattr(mesh, "abstract_device", None)
+    name = device.platform if device is not None else jax.default_backend()
+    return {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(name, "interpret")
+
+
+def _by_platform(o: _Options, run, *args):
+    """run(platform, *args) for o.platform, else for default_platform()."""
+    return run(o.platform or default_platform(), *args)
+
+
+def _setup(o: _Options, platform: str, name: str, dims, dtype, tgmm: bool):
+    """(kernel platform, interpret, tiling) for one call, the tiling checked."""
+    kernel_platform = "tpu" if platform == "interpret" else platform
+    interpret = o.interpret or (pltpu.InterpretParams() if platform == "interpret" else False)
+    if o.tiling is None:
+        tiling = default_tiling(kernel_platform, *dims, dtype)
+    else:
+        _check_tiling(name, kernel_platform, o.tiling, dims, dtype, o.out_dtype, tgmm)
+        tiling = o.tiling if kernel_platform == "gpu" else tuple(min(t, d) for t, d in zip(o.tiling, dims))
+    _check_tiling(name, kernel_platform, tiling, dims, dtype, o.out_dtype, tgmm)
+    return kernel_platform, interpret, tiling
+
+
+def _gmm_impl(o: _Options, lhs, rhs, group_sizes, group_offset):
+    def run(platform, lhs, rhs, group_sizes, group_offset):
+        dims = (lhs.shape[0], lhs.shape[1], rhs.shape[1 if o.transpose_rhs else 2])
+        kp, interpret, tiling = _setup(o, platform, "gmm", dims, lhs.dtype, False)
+        meta = group_metadata(group_sizes, dims[0], tiling[0], o.n_local, group_offset, visit_empty_groups=False)
+        if kp == "gpu":
+            return gmm_gpu.gmm(lhs, rhs, meta, tiling, transpose_rhs=o.transpose_rhs, out_dtype=o.out_dtype,
+                               num_warps=4, num_stages=3, interpret=interpret)
+        need = _vmem_bytes(tiling, lhs.dtype.itemsize, jnp.dtype(o.out_dtype).itemsize, False)
+        return gmm_tpu.gmm(lhs, rhs, meta, tiling, transpose_rhs=o.transpose_rhs, out_dtype=o.out_dtype,
+                           vmem_limit=_vmem_limit(need), interpret=interpret)
+
+    return _by_platform(o, run, lhs, rhs, group_sizes, group_offset)
+
+
+def _tgmm_impl(o: _Options, lhs, grad, group_sizes, group_offset):
+    def run(platform, lhs, grad, group_sizes, group_offset):
+        dims = (lhs.shape[0], lhs.shape[1], grad.shape[1])
+        kp, interpret, tiling = _setup(o, platform, "tgmm", dims, lhs.dtype, True)
+        meta = group_metadata(group_sizes, dims[0], tiling[0], o.n_local, group_offset, visit_empty_groups=True)
+        if kp == "gpu":
+            return gmm_gpu.tgmm(lhs, grad, meta, tiling, n_local=o.n_local, out_dtype=o.out_dtype,
+                                num_warps=4, num_stages=3, interpret=interpret)
+        need = _vmem_bytes(tiling, lhs.dtype.itemsize, jnp.dtype(o.out_dtype).itemsize, True)
+        return gmm_tpu.tgmm(lhs, grad, meta, tiling, n_local=o.n_local, out_dtype=o.out_dtype,
+                            vmem_limit=_vmem_limit(need), interpret=interpret)
+
+    return _by_platform(o, run, lhs, grad, group_sizes, group_offset)
+
+
+def _no_grad(x):
+    return np.zeros(x.shape, dtype=jax.dtypes.float0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gmm(o: _Options, lhs, rhs, group_sizes, group_offset):
+    return _gmm_impl(o, lhs, rhs, group_sizes, group_offset)
+
+
+def _gmm_fwd(o, lhs, rhs, group_sizes, group_offset):
+    return _gmm(o, lhs, rhs, group_sizes, group_offset), (lhs, rhs, group_sizes, group_offset)
+
+
+def _gmm_bwd(o, res, dout):
+    """d lhs = gmm(dout, rhs) with rhs transposed the other way; d rhs = tgmm(lhs, dout) (or (dout, lhs))."""
+    lhs, rhs, group_sizes, group_offset = res
+    dout = dout.astype(lhs.dtype)
+    back = dataclasses.replace(o, tiling=None, transpose_rhs=not o.transpose_rhs, out_dtype=lhs.dtype)
+    dlhs = _gmm(back, dout, rhs, group_sizes, group_offset)
+    wgrad = dataclasses.replace(o, tiling=None, transpose_rhs=False, out_dtype=rhs.dtype)
+    x, y = (dout, lhs) if o.transpose_rhs else (lhs, dout)
+    drhs = _tgmm(wgrad, x, y, group_sizes, group_offset)
+    return dlhs, drhs, _no_grad(group_sizes), _no_grad(group_offset)
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tgmm(o: _Options, lhs, grad, group_sizes, group_offset):
+    return _tgmm_impl(o, lhs, grad, group_sizes, group_offset)
+
+
+def _tgmm_fwd(o, lhs, grad, group_sizes, group_offset):
+    return _tgmm(o, lhs, grad, group_sizes, group_offset), (lhs, grad, group_sizes, group_offset)
+
+
+def _tgmm_bwd(o, res, dout):
+    """out_i = lhs_i^T grad_i: d lhs = gmm(grad, dout, transposed), d grad = gmm(lhs, dout)."""
+    lhs, grad, group_sizes, group_offset = res
+    back = dataclasses.replace(o, tiling=None)
+    dout = dout.astype(lhs.dtype)
+    dlhs = _gmm(dataclasses.replace(back, transpose_rhs=True, out_dtype=lhs.dtype), grad.astype(lhs.dtype), dout,
+                group_sizes, group_offset)
+    dgrad = _gmm(dataclasses.replace(back, transpose_rhs=False, out_dtype=grad.dtype), lhs, dout,
+                 group_sizes, group_offset)
+    return dlhs, dgrad, _no_grad(group_sizes), _no_grad(group_offset)
+
+
+_tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)
+
+
+def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
+        group_offset: int | jax.Array = 0, preferred_element_type=None, tiling: tuple[int, int, int] | None = None,
+        platform: str | None = None, interpret: Any = False) -> jax.Array:
+    """Grouped matmul lhs [m, k] x rhs [G_local, k, n] (or [G_local, n, k], transpose_rhs) -> [m, n].
+
+    group_sizes: [G] int32, G >= G_local; rows of group i are consecutive, in group order. See the module
+    docstring for group_offset, zero rows, dtypes, platform, interpret and tiling (forward only; the
+    backward kernels use the default tiles for their shapes).
+    """
+    _check("gmm", lhs, rhs, group_sizes, group_offset, 2 if transpose_rhs else 1)
+    o = _Options(transpose_rhs, rhs.shape[0], jnp.dtype(preferred_element_type or lhs.dtype), tiling,
+                 _resolve(platform), interpret)
+    return _gmm(o, *vary_alike(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32)))
+
+
+def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, num_groups: int | None = None,
+         group_offset: int | jax.Array = 0, preferred_element_type=None, tiling: tuple[int, int, int] | None = None,
+         platform: str | None = None, interpret: Any = False) -> jax.Array:
+    """Per-group lhs_i^T grad_i: lhs [m, k], grad [m, n] -> [G_local, k, n] (G_local = num_groups, default
+    G = len(group_sizes)); gmm's weight gradient. An empty group's block is zero."""
+    n_local = group_sizes.shape[0] if num_groups is None else num_groups
+    if lhs.ndim != 2 or grad.ndim != 2 or lhs.shape[0] != grad.shape[0]:
+        raise ValueError(f"tgmm: expected lhs [m, k] and grad [m, n] with one m; got {lhs.shape}, {grad.shape}")
+    if lhs.dtype != grad.dtype or jnp.dtype(lhs.dtype) not in DTYPES:
+        raise ValueError(f"tgmm: lhs {lhs.dtype} and grad {grad.dtype} must have one dtype among float32, bfloat16")
+    _check_groups("tgmm", group_sizes, group_offset, n_local, lhs.shape[0])
+    o = _Options(False, n_local, jnp.dtype(preferred_element_type or lhs.dtype), tiling, _resolve(platform),
+                 interpret)
+    return _tgmm(o, *vary_alike(lhs, grad, group_sizes, jnp.asarray(group_offset, jnp.int32)))

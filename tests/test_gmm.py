@@ -1,0 +1,318 @@
+"""Pallas grouped matmul (pallas_kernels.gmm / tgmm) against a per-group loop and jax.lax.ragged_dot.
+
+- TPU (Mosaic) kernels run on CPU in the TPU interpret mode (`pltpu.InterpretParams`), whose uninitialised
+  memory is NaN (so a kernel that reads a block before writing it fails), with its race detector on and
+  2 simulated cores; GPU (Triton) kernels run in Pallas interpret mode, and are lowered to Triton IR for
+  CUDA (no GPU needed); on a machine with a GPU they also run on it.
+- Mosaic kernels are compiled ahead of time for v5e, v5p and v6e topologies (libtpu, no TPU) inside
+  shard_map at the DeepSeekMoE-16B and Mixtral-8x7B expert shapes: the lowering succeeds and fits VMEM.
+Tolerances (tests/tolerances.py): F32 for float32 inputs, and for bfloat16 inputs with float32 output
+(products of bfloat16 numbers are exact in float32); BF16 for bfloat16 outputs.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
+
+import pallas_kernels
+from pallas_kernels import metadata
+from tests.tolerances import BF16, F32
+
+TPU_INTERPRET = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
+# (platform, interpret, tiling): tiles smaller than the shapes so that groups straddle tiles.
+KERNELS = {"tpu": ("tpu", TPU_INTERPRET, (32, 128, 128)), "gpu": ("gpu", True, (32, 32, 64))}
+# name: (m, k, n, group_sizes). Group sizes are not multiples of the row tile; k and n not of the k and n
+# tiles; "padded": sum < m (the rows left are zeros); "over": sum > m (groups end at row m).
+SHAPES = {
+    "padded": (100, 200, 150, [30, 0, 17, 40, 5]),
+    "full": (96, 64, 96, [0, 50, 0, 46]),
+    "over": (64, 128, 64, [40, 40, 40]),
+    "empty": (48, 64, 64, [0, 0, 0]),
+}
+
+
+def loop_gmm(lhs, rhs, sizes, offset=0, transpose=False):
+    """The obvious reference: out[rows of group offset + i] = lhs[rows] @ rhs[i] (jnp, differentiable)."""
+    m = lhs.shape[0]
+    starts = np.minimum(np.concatenate([[0], np.cumsum(sizes)]), m)
+    out = jnp.zeros((m, rhs.shape[1] if transpose else rhs.shape[2]), jnp.float32)
+    for i in range(rhs.shape[0]):
+        a, b = starts[offset + i], starts[offset + i + 1]
+        w = rhs[i].T if transpose else rhs[i]
+        out = out.at[a:b].set(jnp.dot(lhs[a:b], w, preferred_element_type=jnp.float32))
+    return out
+
+
+def loop_tgmm(lhs, grad, sizes, offset=0, n_local=None):
+    m = lhs.shape[0]
+    starts = np.minimum(np.concatenate([[0], np.cumsum(sizes)]), m)
+    n_local = len(sizes) if n_local is None else n_local
+    return jnp.stack([jnp.dot(lhs[starts[offset + i]:starts[offset + i + 1]].T,
+                              grad[starts[offset + i]:starts[offset + i + 1]], preferred_element_type=jnp.float32)
+                      for i in range(n_local)])
+
+
+def arrays(m, k, n, G, dtype=jnp.float32, transpose=False, seed=0):
+    rng = np.random.default_rng(seed)
+    lhs = jnp.asarray(rng.normal(size=(m, k)), dtype)
+    rhs = jnp.asarray(rng.normal(size=(G, n, k) if transpose else (G, k, n)) / np.sqrt(k), dtype)
+    return lhs, rhs, jnp.asarray(rng.normal(size=(m, n)), jnp.float32)
+
+
+def call_gmm(kernel, lhs, rhs, sizes, **kw):
+    platform, interpret, tiling = KERNELS[kernel]
+    return pallas_kernels.gmm(lhs, rhs, jnp.asarray(sizes, jnp.int32), platform=platform, interpret=interpret,
+                              tiling=tiling, **kw)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("transpose", [False, True])
+def test_gmm_forward_and_gradients_match_the_loop(kernel, shape, transpose):
+    m, k, n, sizes = SHAPES[shape]
+    lhs, rhs, ct = arrays(m, k, n, len(sizes), transpose=transpose)
+
+    def loss(fn):
+        return lambda x, w: jnp.sum(fn(x, w) * ct)
+
+    ours = lambda x, w: call_gmm(kernel, x, w, sizes, transpose_rhs=transpose)
+    ref = lambda x, w: loop_gmm(x, w, sizes, transpose=transpose)
+    out = ours(lhs, rhs)
+    np.testing.assert_allclose(out, ref(lhs, rhs), **F32)
+    if sum(sizes) <= m and not transpose:
+        np.testing.assert_allclose(out, jax.lax.ragged_dot(lhs, rhs, jnp.asarray(sizes, jnp.int32)), **F32)
+    assert not np.any(np.asarray(out)[min(sum(sizes), m):]), "rows past the groups must be zero"
+    got = jax.grad(loss(ours), (0, 1))(lhs, rhs)
+    want = jax.grad(loss(ref), (0, 1))(lhs, rhs)
+    for g, w, name in zip(got, want, ("d lhs", "d rhs")):
+        np.testing.assert_allclose(g, w, **F32, err_msg=name)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_tgmm_and_its_gradients_match_the_loop(kernel):
+    m, k, n, sizes = SHAPES["padded"]
+    lhs, _, grad = arrays(m, k, n, len(sizes))
+    platform, interpret, tiling = KERNELS[kernel]
+    ours = lambda x, dy: pallas_kernels.tgmm(x, dy, jnp.asarray(sizes, jnp.int32), platform=platform,
+                                             interpret=interpret, tiling=tiling)
+    out = ours(lhs, grad)
+    np.testing.assert_allclose(out, loop_tgmm(lhs, grad, sizes), **F32)
+    assert not np.any(np.asarray(out[1])), "an empty group's block is zero"
+    ct = jnp.asarray(np.random.default_rng(1).normal(size=out.shape), jnp.float32)
+    got = jax.grad(lambda x, dy: jnp.sum(ours(x, dy) * ct), (0, 1))(lhs, grad)
+    want = jax.grad(lambda x, dy: jnp.sum(loop_tgmm(x, dy, sizes) * ct), (0, 1))(lhs, grad)
+    for g, w, name in zip(got, want, ("d lhs", "d grad")):
+        np.testing.assert_allclose(g, w, **F32, err_msg=name)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_group_offset_multiplies_only_the_local_groups(kernel):
+    """An expert-parallel shard: rhs holds groups 1..3 of 5; rows of groups 0 and 4 come out zero. The
+    offset may be a traced value (jax.lax.axis_index inside shard_map)."""
+    m, k, n, sizes = SHAPES["padded"]
+    lhs, rhs, ct = arrays(m, k, n, 3)
+    platform, interpret, tiling = KERNELS[kernel]
+    gs = jnp.asarray(sizes, jnp.int32)
+
+    @jax.jit
+    def ours(x, w, offset):
+        return pallas_kernels.gmm(x, w, gs, group_offset=offset, platform=platform, interpret=interpret,
+                                  tiling=tiling)
+
+    np.testing.assert_allclose(ours(lhs, rhs, 1), loop_gmm(lhs, rhs, sizes, offset=1), **F32)
+    np.testing.assert_allclose(pallas_kernels.gmm(lhs, rhs, gs, group_offset=2, platform=platform,
+                                                  interpret=interpret, tiling=tiling),
+                               loop_gmm(lhs, rhs, sizes, offset=2), **F32)
+    got = jax.grad(lambda w: jnp.sum(ours(lhs, w, 1) * ct))(rhs)
+    np.testing.assert_allclose(got, loop_tgmm(lhs, ct, sizes, offset=1, n_local=3), **F32)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_bfloat16_inputs_accumulate_in_float32(kernel):
+    m, k, n, sizes = SHAPES["padded"]
+    lhs, rhs, _ = arrays(m, k, n, len(sizes), dtype=jnp.bfloat16)
+    want = loop_gmm(lhs.astype(jnp.float32), rhs.astype(jnp.float32), sizes)
+    out32 = call_gmm(kernel, lhs, rhs, sizes, preferred_element_type=jnp.float32)
+    assert out32.dtype == jnp.float32
+    np.testing.assert_allclose(out32, want, **F32)
+    out16 = call_gmm(kernel, lhs, rhs, sizes)
+    assert out16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out16.astype(jnp.float32), want, **BF16)
+    drhs = jax.grad(lambda w: jnp.sum(call_gmm(kernel, lhs, w, sizes).astype(jnp.float32)))(rhs)
+    assert drhs.dtype == jnp.bfloat16
+    want_d = loop_tgmm(lhs.astype(jnp.float32), jnp.ones((m, n), jnp.float32), sizes)
+    np.testing.assert_allclose(drhs.astype(jnp.float32), want_d, **BF16)
+
+
+def test_default_platform_interprets_on_cpu_and_uses_default_tiles():
+    """platform=None: default_platform(), on CPU the TPU kernels in the TPU interpreter."""
+    m, k, n, sizes = 600, 96, 80, [0, 250, 0, 200, 100]  # tm = 512: two row tiles, the second partial
+    assert pallas_kernels.default_platform() == "interpret"
+    assert pallas_kernels.default_tiling("tpu", m, k, n, jnp.float32) == (512, 96, 80)
+    lhs, rhs, _ = arrays(m, k, n, len(sizes))
+    np.testing.assert_allclose(pallas_kernels.gmm(lhs, rhs, jnp.asarray(sizes, jnp.int32)),
+                               loop_gmm(lhs, rhs, sizes), **F32)
+
+
+def test_tpu_interpreter_finds_no_races():
+    """The tests above ran the TPU kernels with the race detector on (2 cores); run fwd + bwd once more
+    here so this test stands alone, then read the detector's verdict."""
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpret
+
+    m, k, n, sizes = SHAPES["padded"]
+    lhs, rhs, ct = arrays(m, k, n, len(sizes))
+    jax.grad(lambda x, w: jnp.sum(call_gmm("tpu", x, w, sizes) * ct), (0, 1))(lhs, rhs)
+    assert tpu_interpret.races is not None, "the race detector did not run"
+    assert not tpu_interpret.races.races_found
+
+
+# --- metadata ---------------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=6), m=st.integers(1, 120),
+       tm=st.sampled_from([8, 16, 32]), data=st.data())
+def test_metadata_visits_every_tile_and_group(sizes, m, tm, data):
+    """gmm: every row tile once or more, in order, and every (tile, local group) pair that shares a row
+    exactly once with COMPUTE; tgmm: every local group at least once; both within the static bound."""
+    n_local = data.draw(st.integers(1, len(sizes)))
+    offset = data.draw(st.integers(0, len(sizes) - n_local))
+    starts = np.minimum(np.concatenate([[0], np.cumsum(sizes)]), m)[offset:offset + n_local + 1]
+    tiles_m = -(-m // tm)
+    pairs = {(t, i) for i in range(n_local) for t in range(tiles_m)
+             if max(starts[i], t * tm) < min(starts[i + 1], (t + 1) * tm)}
+    for empty in (False, True):
+        meta = metadata.group_metadata(jnp.asarray(sizes, jnp.int32), m, tm, n_local, offset,
+                                       visit_empty_groups=empty)
+        tile, group, flags = map(np.asarray, (meta.tile, meta.group, meta.flags))
+        assert meta.n_visits == tiles_m + n_local - 1
+        np.testing.assert_array_equal(meta.offsets, starts)
+        computed = [(t, g) for t, g, f in zip(tile, group, flags) if f & metadata.COMPUTE]
+        assert sorted(computed) == sorted(pairs) and len(set(computed)) == len(computed)
+        assert np.all(np.diff(tile) >= 0) and np.all(tile < tiles_m)
+        if empty:
+            assert set(range(n_local)) <= set(group.tolist())
+            assert np.all(np.diff(group) >= 0), "tgmm: the visits of a group are consecutive"
+        else:
+            first = flags & metadata.FIRST
+            assert sorted(tile[first > 0].tolist()) == list(range(tiles_m)), "each tile has one first visit"
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args,kw,match", [
+    (((64, 128), (4, 128, 64), (4,)), dict(), None),
+    (((64, 128), (4, 128, 64), (4,)), dict(tiling=(512, 512, 1024)), None),  # clipped to the shapes
+    (((64, 128, 1), (4, 128, 64), (4,)), dict(), r"lhs \[m, k\].*\(64, 128, 1\)"),
+    (((64, 128), (4, 96, 64), (4,)), dict(), r"contraction sizes differ.*k=128.*96"),
+    (((64, 128), (4, 128, 64), (3,)), dict(), r"4 local groups with group_sizes of length 3"),
+    (((64, 128), (4, 128, 64), (4,)), dict(group_offset=1), r"group_offset=1.*allowed 0..0"),
+    (((64, 128), (4, 128, 64), (4,)), dict(tiling=(20, 128, 64)), r"tm=20.*multiple of 8"),
+    (((64, 128), (4, 128, 64), (4,)), dict(tiling=(64, 96, 64)), r"tk=96 with that dimension 128.*multiple of 128"),
+    (((64, 128), (4, 128, 64), (4,)), dict(platform="cuda"), r"platform='cuda'; allowed"),
+    (((64, 128), (4, 128, 64), (4,)), dict(platform="gpu", tiling=(32, 48, 64)), r"powers of two"),
+])
+def test_bad_shapes_and_tiles_name_the_problem(args, kw, match):
+    lhs, rhs, gs = jnp.zeros(args[0]), jnp.zeros(args[1]), jnp.zeros(args[2], jnp.int32)
+    kw = dict(platform="tpu", interpret=True) | kw
+    if match is None:
+        assert pallas_kernels.gmm(lhs, rhs, gs, **kw).shape == (64, 64)
+        return
+    with pytest.raises(ValueError, match=match):
+        pallas_kernels.gmm(lhs, rhs, gs, **kw)
+
+
+def test_bad_dtypes_and_group_sizes():
+    lhs, rhs = jnp.zeros((64, 128), jnp.float32), jnp.zeros((4, 128, 64), jnp.float32)
+    gs = jnp.zeros((4,), jnp.int32)
+    with pytest.raises(ValueError, match=r"lhs float32 and rhs bfloat16 must have one dtype"):
+        pallas_kernels.gmm(lhs, rhs.astype(jnp.bfloat16), gs)
+    with pytest.raises(ValueError, match=r"float16 .*must have one dtype among float32, bfloat16"):
+        pallas_kernels.gmm(lhs.astype(jnp.float16), rhs.astype(jnp.float16), gs)
+    with pytest.raises(ValueError, match=r"group_sizes must be a 1-D int32 array; got float32\[4\]"):
+        pallas_kernels.gmm(lhs, rhs, gs.astype(jnp.float32))
+    with pytest.raises(ValueError, match=r"tgmm: expected lhs \[m, k\] and grad \[m, n\] with one m"):
+        pallas_kernels.tgmm(lhs, jnp.zeros((32, 64), jnp.float32), gs)
+    with pytest.raises(ValueError, match=r"tiling=\(2048, 2048, 4096\) needs .* MiB of VMEM .* at most 48 MiB"):
+        pallas_kernels.gmm(jnp.zeros((2048, 2048)), jnp.zeros((2, 2048, 4096)), gs[:2], tiling=(2048, 2048, 4096),
+                           platform="tpu")
+
+
+# --- GPU: Triton lowering everywhere, runs on a GPU --------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_kernels_lower_to_triton_for_cuda(dtype):
+    """Forward and both gradients (gmm transposed, tgmm) lower to Triton custom calls for CUDA."""
+    m, k, n, sizes = 512, 256, 384, [100, 0, 300, 50]
+    gs = jnp.asarray(sizes, jnp.int32)
+    f = jax.jit(jax.value_and_grad(lambda x, w: pallas_kernels.gmm(x, w, gs, platform="gpu")
+                                   .astype(jnp.float32).sum(), (0, 1)))
+    args = (jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((4, k, n), dtype))
+    text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("__gpu$xla.gpu.triton") == 3
+
+
+@pytest.mark.skipif(not any(d.platform == "gpu" for d in jax.devices()), reason="no GPU on this machine")
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_gpu_kernels_run_on_the_gpu(dtype):
+    m, k, n, sizes = 1000, 512, 768, [300, 0, 17, 600, 40]
+    lhs, rhs, ct = arrays(m, k, n, len(sizes), dtype=dtype)
+    gs = jnp.asarray(sizes, jnp.int32)
+    tol = F32 if dtype == jnp.float32 else BF16
+    with jax.default_matmul_precision("highest"):
+        out = pallas_kernels.gmm(lhs, rhs, gs, preferred_element_type=jnp.float32)
+        np.testing.assert_allclose(out, loop_gmm(lhs, rhs, sizes), **tol)
+        got = jax.grad(lambda w: jnp.sum(pallas_kernels.gmm(lhs, w, gs).astype(jnp.float32) * ct))(rhs)
+        want = loop_tgmm(lhs.astype(jnp.float32), ct, sizes)
+        np.testing.assert_allclose(got.astype(jnp.float32), want, **tol)
+
+
+# --- TPU: Mosaic compiled ahead of time -------------------------------------------------------------
+
+# (name, tokens x top-k rows per expert shard, k, n, experts, expert-parallel devices): the two expert
+# matmuls (w_in [E, d, 2f], w_down [E, f, d]) of DeepSeekMoE-16B (d 2048, f 1408, 64 experts, top-6; 16K
+# tokens, experts split over the 4 devices) and Mixtral-8x7B (d 4096, f 14336, 8 experts, top-2; 16K tokens).
+AOT_SHAPES = [
+    ("deepseekmoe16b_w_in", 16384 * 6 // 4, 2048, 2 * 1408, 64, 4),
+    ("deepseekmoe16b_w_down", 16384 * 6 // 4, 1408, 2048, 64, 4),
+    ("mixtral_w_in", 16384 * 2, 4096, 2 * 14336, 8, 1),
+    ("mixtral_w_down", 16384 * 2, 14336, 4096, 8, 1),
+]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (the test extra)")
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
+def test_mosaic_kernels_compile_for_tpu_topologies(topology):
+    """Forward + both gradients inside shard_map over 4 chips, bf16, at the expert shapes above (each
+    device multiplies its E / D experts: group_offset = axis_index * E / D). Mosaic fails to compile a
+    kernel that overflows VMEM; cost_analysis counts the kernels' FLOPs (3 matmuls of 2 m k n)."""
+    from moejax import aot
+
+    devices = aot.topology_devices(topology)
+    assert len(devices) == 4
+    mesh = jax.sharding.Mesh(np.array(devices), ("expert",))
+    for name, m, k, n, E, D in AOT_SHAPES:
+        def step(x, w, gs):
+            offset = jax.lax.axis_index("expert") * (E // D) if D > 1 else 0
+            f = lambda x, w: pallas_kernels.gmm(x, w, gs, group_offset=offset).astype(jnp.float32).sum()
+            return jax.value_and_grad(f, (0, 1))(x, w)
+
+        w_spec = P("expert") if D > 1 else P()
+        run = jax.shard_map(step, mesh=mesh, in_specs=(P(), w_spec, P()), out_specs=(P(), (P(), w_spec)),
+                            check_vma=False)
+        args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((E, k, n), jnp.bfloat16),
+                jax.ShapeDtypeStruct((E,), jnp.int32))
+        with jax.default_matmul_precision("default"):
+            compiled = jax.jit(run).trace(*args).lower().compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        assert cost["flops"] == pytest.approx(3 * 2 * m * k * n, rel=0.01), name

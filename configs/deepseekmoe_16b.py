@@ -16,15 +16,15 @@ Ahead-of-time check on a 64-chip v5p slice (any Linux machine with libtpu, no TP
 Mesh fsdp=64 (parameters and AdamW moments split 64 ways; every chip routes its own tokens to all 64
 experts, as the paper keeps a layer's experts on one device), the paper's 4608 x 4096 batch in
 grad_accum=36 micro-batches (2 sequences per chip each), blocks rematerialised. Routed experts use the
-'blocked' grouped matmul: on TPU 'auto' would pick ragged_dot, whose weight gradient XLA:TPU computes as a
-dense masked product over all 64 experts (64x its FLOPs, [64, rows, d] temporaries). Expected (measured
-with JAX 0.10.2, libtpu 0.0.42.1 on a 2-core CPU):
+'auto' backend, on TPU the Pallas grouped matmul (pallas_kernels.gmm; XLA's ragged_dot would compute its
+weight gradient as a dense masked product over all 64 experts). Expected (measured with JAX 0.10.2,
+libtpu 0.0.42.1 on a 2-core CPU):
   memory per chip  arguments 2.87 GiB, outputs 2.86 GiB (aliased to the donated state), temporaries
-                   61.17 GiB: total 64.04 GiB of 95 GiB HBM, fits (1 sequence per chip, grad_accum=72: 38.66 GiB)
-  FLOPs per step   8168 TFLOPs per chip as compiled, 522.8 PFLOPs in all (with the rematerialised forward
-                   pass and the padding rows of the blocked buffers); model 6 N + attention 5465 TFLOPs per
-                   chip, 349.8 PFLOPs (18.5 GFLOPs per token)
-  compile time     260 s (440 s with other jobs on the machine)
+                   49.40 GiB: total 52.27 GiB of 95 GiB HBM, fits (with backend='blocked': 64.04 GiB)
+  FLOPs per step   7082 TFLOPs per chip as compiled, 453.2 PFLOPs in all (with the rematerialised forward
+                   pass; 'blocked', which also multiplies its padding rows: 8168); model 6 N + attention
+                   5465 TFLOPs per chip, 349.8 PFLOPs (18.5 GFLOPs per token)
+  compile time     224 s
 Expert parallelism does not help here: fsdp=8 x expert=8 needs 99.4 GiB per chip even at 1 sequence per chip,
 as each chip's dropless receive buffer holds every row that all 8 chips of its expert group could send.
 """
@@ -41,7 +41,7 @@ def get_config(arg=None):
         model=dict(n_layers=28, d_model=2048, n_heads=16, first_k_dense=1, dense_d_ff=10944, vocab_size=102400,
                    tie_embeddings=False, dtype="bfloat16", init_std=0.006, remat=True),
         moe=moe.MoEConfig(d_model=2048, d_ff=1408, n_experts=64, top_k=6, n_shared=2, segmentation=1,
-                          aux_loss_coef=0.001, dispatch="dropless", backend="blocked"),
+                          aux_loss_coef=0.001, dispatch="dropless", backend="auto"),
         data=dict(seq_len=4096, batch_size=PAPER_BATCH, tokenizer="spm100k.model"),
         train=dict(steps=PAPER_STEPS, warmup_steps=2000, lr=4.2e-4, schedule="deepseekmoe", decay_at=(0.8, 0.9),
                    decay_factor=0.316, b1=0.9, b2=0.95, weight_decay=0.1, clip_norm=1.0, grad_accum=36,

@@ -8,7 +8,7 @@ What is compiled is exactly what `moejax.train.Trainer` runs: `Trainer.lower_tra
 over train.grad_accum micro-batches in a lax.scan, AdamW update, aux-free bias update) on the global batch
 [data.batch_size, data.seq_len], with parameters, optimiser state and batch sharded over the mesh
 (config.mesh, or --mesh: named axes, the unnamed ones 1 except data = the remaining devices). Routed experts
-use the TPU backends ('auto' picks ragged_dot; dropless expert parallelism uses ragged_all_to_all).
+use the TPU backends ('auto' picks the Pallas grouped matmul; dropless expert parallelism uses ragged_all_to_all).
 
 Memory (per chip, from the compiled executable's memory analysis): arguments (state + batch), outputs,
 temporaries, aliased (the donated state reused for the new state); total = arguments + outputs + temporaries

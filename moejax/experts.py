@@ -12,7 +12,10 @@ Grouped-matmul backends (`BACKENDS`) compute rows [M, d] x w[expert of row] for 
                 expert's weights (gathered per block); works for every layout.
 - 'ragged_dot': jax.lax.ragged_dot over rows sorted by expert; works for every layout. Its CPU (and
                 default GPU) lowering multiplies every row by every expert, so it is slow there.
-A later backend (Pallas kernels) registers itself with `register_backend`.
+- 'pallas':     moejax's Pallas grouped matmul (pallas_kernels.gmm, MegaBlocks-style, with its tgmm
+                weight gradient) over rows sorted by expert; works for every layout and skips the zero
+                rows past sum(group_sizes) (an expert-parallel receive buffer's padding). Mosaic on TPU,
+                Triton on GPU, chosen by the mesh devices' platform; interpreted on CPU (slow: tests only).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+import pallas_kernels
 from moejax.dispatch import Layout
 
 ACTIVATIONS = ("swiglu", "gelu")
@@ -53,19 +57,26 @@ def _ragged_dot(rows, w, layout):
     return jax.lax.ragged_dot(rows, w.astype(rows.dtype), layout.group_sizes)
 
 
+def _pallas(rows, w, layout):
+    return pallas_kernels.gmm(rows, w.astype(rows.dtype), layout.group_sizes)
+
+
 register_backend("einsum", _einsum)
 register_backend("blocked", _blocked)
 register_backend("ragged_dot", _ragged_dot)
+register_backend("pallas", _pallas)
 
 
 def default_backend(per_expert: bool, platform: str | None = None) -> str:
     """Fastest correct backend per platform: 'einsum' for per-expert (capacity) layouts everywhere;
-    for dropless, 'ragged_dot' on TPU (native grouped matmul in XLA:TPU), 'blocked' on CPU and GPU,
-    where ragged_dot lowers to a dense masked product (measured: experiments/benchmarks/README.md)."""
+    for dropless, 'pallas' on TPU (XLA:TPU's ragged_dot weight gradient compiles to 13.5x the useful
+    FLOPs, the Pallas tgmm to 1.0x; experiments/benchmarks/README.md), 'blocked' on CPU (where Pallas
+    only interprets and ragged_dot multiplies every row by every expert) and on GPU (the Triton kernels
+    have not been timed on a GPU yet)."""
     if per_expert:
         return "einsum"
     platform = platform or jax.default_backend()
-    return "ragged_dot" if platform == "tpu" else "blocked"
+    return "pallas" if platform == "tpu" else "blocked"
 
 
 def n_in(activation: str) -> int:

@@ -117,7 +117,7 @@ class MoEConfig:
             _require(self.capacity_factor > 0, "capacity_factor", self.capacity_factor, "> 0 with capacity dispatch")
         if self.dispatch == "dropless":
             _require(self.backend != "einsum", "backend", self.backend,
-                     "'auto', 'blocked' or 'ragged_dot' with dispatch='dropless' ('einsum' needs capacity)")
+                     "'auto', 'blocked', 'ragged_dot' or 'pallas' with dispatch='dropless' ('einsum' needs capacity)")
         _require(self.n_groups >= 1 and (self.n_experts or 1) % self.n_groups == 0, "n_groups", self.n_groups,
                  f"a divisor of n_experts={self.n_experts}")
         _require(1 <= self.topk_groups <= self.n_groups, "topk_groups", self.topk_groups,

@@ -1,4 +1,4 @@
-"""Smoke test of experiments/benchmarks/moe_layer.py: every row of --quick runs and the JSON is strict.
+"""Smoke tests of experiments/benchmarks/: every row of --quick (--smoke) runs and the JSON is strict.
 Speed itself is measured by the benchmark, never asserted here."""
 import json
 import math
@@ -101,3 +101,35 @@ ENTRY %main.1 (a: f32[2,16,8,4], b: s32[8], c: f32[6,4]) -> f32[2,16,8,4] {
     assert not any(o["in_loop"] for n, o in ops.items() if n != "ar.9")
     s = expert_parallel.summarize(list(ops.values()), routed_rows=2)
     assert s["exchange"] == ops["a2a"]["bytes"] + 96 and s["wire"] == ops["a2a"]["bytes"] + 2 * 16
+
+
+def test_gmm_smoke(tmp_path):
+    """Smoke test of experiments/benchmarks/gmm.py: tiny float32 cases (one with an empty group), every
+    (impl, op) row timed, the Pallas results checked against ragged_dot within gmm.TOLERANCE (the run
+    raises otherwise); on CPU the full benchmark refuses to run without --allow-cpu."""
+    import jax
+    import pytest
+
+    from experiments.benchmarks import gmm
+
+    if jax.default_backend() == "cpu":
+        with pytest.raises(SystemExit, match="--allow-cpu"):
+            gmm.main([])
+    out = tmp_path / "rows.json"
+    gmm.main(["--smoke", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    cases = gmm.cases(smoke=True)
+    assert len(rows) == len(cases) * len(gmm.IMPLS) * len(gmm.OPS)
+    assert {(r["impl"], r["op"]) for r in rows} == {(i, o) for i in gmm.IMPLS for o in gmm.OPS}
+    assert 0 in rows[0]["group_sizes"]  # the empty group
+    for r in rows:
+        assert r["device"] == jax.devices()[0].device_kind and r["platform"] == jax.default_backend()
+        assert r["jax"] == jax.__version__ and r["dtype"] == "float32" and len(r["times_ms"]) == 2
+        assert r["note"] == "" and r["time_ms"] > 0 and r["tflops"] > 0 and math.isfinite(r["vs_dense"])
+        assert r["useful_tflop"] == 2 * 256 * 128 * 256 * gmm.FLOPS_FACTOR[r["op"]] / 1e12
+        if r["impl"] == "pallas":
+            assert r["max_rel_err"] is not None and r["max_rel_err"] <= gmm.TOLERANCE["float32"]
+        else:
+            assert r["max_rel_err"] is None
+        if r["impl"] == "dense":
+            assert r["vs_dense"] == 1.0

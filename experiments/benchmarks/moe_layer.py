@@ -1,6 +1,6 @@
 """MoE layer speed and memory against a dense SwiGLU FFN of the same active width (K * f).
 
-Run:  python3 -m experiments.benchmarks.moe_layer [--json FILE] [--quick]
+Run:  python3 -m experiments.benchmarks.moe_layer [--json FILE] [--quick] [--dtype {float32,bfloat16}]
 
 For each shape, dispatch mode and expert backend this times one jitted forward + backward step of
 `moejax.moe.MoE` (loss = sum(y * ct) + stats.loss, gradients w.r.t. x and every parameter, functional
@@ -12,9 +12,15 @@ processes disturbs less than wall time (but which hides differences in paralleli
 Rows take the median of `--repeats` runs; 'ragged_dot' (whose CPU lowering multiplies every row by
 every expert) gets 1 warm-up + 1 timed run. Memory is XLA's compiled temp allocation
 (`memory_analysis().temp_size_in_bytes`) of the same step at T and at 4 T tokens (compiled, never
-run). A step whose temp memory exceeds --max-run-gib (default: half of MemAvailable) is not run.
+run). A step whose temp memory exceeds --max-run-gib (default: half the free memory, `common.available_mib`:
+the device's on GPU and TPU, MemAvailable on CPU) is not run.
 
-Shapes (float32):
+Expert backends: 'einsum', 'blocked' and 'ragged_dot' everywhere; dropless 'pallas' (the Pallas grouped
+matmul, pallas_kernels.gmm) only where jax.default_backend() is not 'cpu' (on CPU Pallas interprets its
+kernels, so timing it there means nothing; experiments/benchmarks/gmm.py times the kernels alone).
+
+Shapes (float32 by default; --dtype bfloat16 makes x and the cotangent bfloat16, so the layer's expert
+matmuls run in bfloat16 while parameters and router math stay float32; the loss is summed in float32):
   a  OLMoE-like fine-grained: T = 4096 (B=4, S=1024), d=512, E=64, K=8, f=128 (active width 1024).
   b  Mixtral-like:            T = 4096 (B=4, S=1024), d=512, E=8,  K=2, f=512 (active width 1024),
                               gates renormalised over the K picks.
@@ -75,6 +81,8 @@ def variants(quick: bool) -> list[tuple[str, str, dict]]:
     for block in ((16,) if quick else (64, 128, 256)):
         out.append(("dropless", "blocked", dict(block_size=block)))
     out.append(("dropless", "ragged_dot", {}))
+    if jax.default_backend() != "cpu":  # Pallas only interprets on CPU
+        out.append(("dropless", "pallas", {}))
     return out
 
 
@@ -84,22 +92,23 @@ def make_step(config: moe.MoEConfig, seed: int = 0):
 
     def loss(params, x, ct):
         y, stats = nnx.merge(graphdef, params)(x)
-        return jnp.sum(y * ct) + stats.loss
+        return jnp.sum((y * ct).astype(jnp.float32)) + stats.loss
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1))), params
 
 
-def inputs(shape: Shape):
+def inputs(shape: Shape, dtype=jnp.float32):
+    """(x, ct) [B, S, d] in dtype."""
     T = shape.T
     kx, kc = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, (shape.B, T // shape.B, shape.d), jnp.float32)
     ct = jax.random.normal(kc, x.shape, jnp.float32) / shape.d ** 0.5
-    return x, ct
+    return x.astype(dtype), ct.astype(dtype)
 
 
-def compile_step(step, params, shape: Shape, T: int):
+def compile_step(step, params, shape: Shape, T: int, dtype=jnp.float32):
     """Compiled executable of the step at T tokens (inputs given as shape specs, nothing runs)."""
-    spec = jax.ShapeDtypeStruct((shape.B, T // shape.B, shape.d), jnp.float32)
+    spec = jax.ShapeDtypeStruct((shape.B, T // shape.B, shape.d), dtype)
     return step.lower(params, spec, spec).compile()
 
 
@@ -108,21 +117,10 @@ def temp_mib(compiled) -> float:
     return ma.temp_size_in_bytes / MiB if ma is not None else float("nan")
 
 
-def _once(fn, *args) -> tuple[float, float]:
-    """(wall ms, process CPU ms: user + sys over all threads) of one call."""
-    c0, t0 = time.process_time(), time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
-
-
 def time_paired(fn, baseline, args, base_args, repeats: int):
     """(wall, cpu) ms lists of fn and of the dense baseline, alternating call by call after one warm-up
-    of each, so that load from other processes on a shared machine hits both sides of the ratio alike."""
-    _once(fn, *args), _once(baseline, *base_args)
-    ts, bs = [], []
-    for _ in range(repeats):
-        ts.append(_once(fn, *args))
-        bs.append(_once(baseline, *base_args))
+    of each (`common.round_robin`), so that load from other processes hits both sides of the ratio alike."""
+    ts, bs = common.round_robin([(fn, args), (baseline, base_args)], repeats)
     return [t for t, _ in ts], [c for _, c in ts], [t for t, _ in bs], [c for _, c in bs]
 
 
@@ -133,19 +131,21 @@ def config_for(shape: Shape, dispatch: str | None, backend: str | None, extra: d
                          dispatch=dispatch, backend=backend, **extra)
 
 
-def measure(shape: Shape, dispatch, backend, extra, dense, repeats: int, max_run_mib: float, log) -> dict:
+def measure(shape: Shape, dispatch, backend, extra, dense, repeats: int, max_run_mib: float, log,
+            dtype=jnp.float32) -> dict:
     """One row. dense: (compiled dense step, its args), run alternately with this row's step."""
     step, params = make_step(config_for(shape, dispatch, backend, extra))
-    x, ct = inputs(shape)
+    x, ct = inputs(shape, dtype)
     t0 = time.perf_counter()
-    compiled = compile_step(step, params, shape, shape.T)
+    compiled = compile_step(step, params, shape, shape.T, dtype)
     compile_ms = (time.perf_counter() - t0) * 1e3
     big_T = 4 * shape.T
     row = dict(
-        shape=shape.name, T=shape.T, d=shape.d, E=shape.E, K=shape.K, f=shape.f,
+        shape=shape.name, T=shape.T, d=shape.d, E=shape.E, K=shape.K, f=shape.f, dtype=jnp.dtype(dtype).name,
         dispatch=dispatch or "dense", backend=backend or "swiglu",
         cf=extra.get("capacity_factor"), block=extra.get("block_size"), compile_ms=compile_ms,
-        temp_mib=temp_mib(compiled), temp_mib_big=temp_mib(compile_step(step, params, shape, big_T)), T_big=big_T,
+        temp_mib=temp_mib(compiled), temp_mib_big=temp_mib(compile_step(step, params, shape, big_T, dtype)),
+        T_big=big_T,
     )
     reps = 1 if backend == "ragged_dot" else repeats
     if row["temp_mib"] > max_run_mib:
@@ -168,19 +168,19 @@ def measure(shape: Shape, dispatch, backend, extra, dense, repeats: int, max_run
     return row
 
 
-def run(quick: bool, repeats: int, max_run_gib: float | None = None, log=print) -> list[dict]:
-    """All rows. Every MoE row's ratio is against dense runs interleaved with its own runs; the dense
-    row itself is the median of all those dense runs. Steps whose compiled temp memory exceeds
-    max_run_gib (default: half the memory available at start) are compiled but not run."""
+def run(quick: bool, repeats: int, max_run_gib: float | None = None, log=print, dtype=jnp.float32) -> list[dict]:
+    """All rows, x and ct in dtype. Every MoE row's ratio is against dense runs interleaved with its own
+    runs; the dense row itself is the median of all those dense runs. Steps whose compiled temp memory
+    exceeds max_run_gib (default: half the memory available at start) are compiled but not run."""
     max_run_mib = max_run_gib * 1024 if max_run_gib is not None else 0.5 * common.available_mib()
     rows = []
     for shape in (QUICK_SHAPES if quick else FULL_SHAPES):
         log(f"shape {shape}")
         dstep, dparams = make_step(config_for(shape, None, None, {}))
-        dx, dct = inputs(shape)
-        dcompiled = compile_step(dstep, dparams, shape, shape.T)
+        dx, dct = inputs(shape, dtype)
+        dcompiled = compile_step(dstep, dparams, shape, shape.T, dtype)
         dense = (dcompiled, (dparams, dx, dct))
-        shape_rows = [measure(shape, dsp, be, extra, dense, repeats, max_run_mib, log)
+        shape_rows = [measure(shape, dsp, be, extra, dense, repeats, max_run_mib, log, dtype)
                       for dsp, be, extra in variants(quick)]
         all_dense = [t for r in shape_rows for t in r["dense_times_ms"]]
         if not all_dense:  # every MoE row was skipped: time the dense step on its own
@@ -189,13 +189,15 @@ def run(quick: bool, repeats: int, max_run_gib: float | None = None, log=print) 
                 r["dense_cpu_ms"] = statistics.median(cpus)
         dense_ms = statistics.median(all_dense)
         rows.append(dict(
-            shape=shape.name, T=shape.T, d=shape.d, E=shape.E, K=shape.K, f=shape.f, dispatch="dense",
+            shape=shape.name, T=shape.T, d=shape.d, E=shape.E, K=shape.K, f=shape.f, dtype=jnp.dtype(dtype).name,
+            dispatch="dense",
             backend="swiglu", cf=None, block=None, time_ms=dense_ms, dense_ms=dense_ms, ratio_vs_dense=1.0,
             times_ms=all_dense, dense_times_ms=all_dense, cpu_ratio_vs_dense=1.0,
             cpu_ms=statistics.median([r["dense_cpu_ms"] for r in shape_rows if r["dense_cpu_ms"] == r["dense_cpu_ms"]]),
             runs=f"{len(all_dense)} dense runs interleaved with the rows below "
             f"(min {min(all_dense):.1f}, max {max(all_dense):.1f})",
-            temp_mib=temp_mib(dcompiled), temp_mib_big=temp_mib(compile_step(dstep, dparams, shape, 4 * shape.T)),
+            temp_mib=temp_mib(dcompiled),
+            temp_mib_big=temp_mib(compile_step(dstep, dparams, shape, 4 * shape.T, dtype)),
             T_big=4 * shape.T))
         rows.extend(shape_rows)
     return rows
@@ -223,11 +225,13 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="tiny shapes and 1 repeat (smoke test, < 60 s)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 7; 1 with --quick)")
     p.add_argument("--max-run-gib", type=float, default=None,
-                   help="compile but do not run steps needing more temp memory (default: half of MemAvailable)")
+                   help="compile but do not run steps needing more temp memory (default: half the free memory)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="dtype of x and the cotangent, hence of the expert matmuls (parameters stay float32)")
     args = p.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 7)
-    print(common.machine_line(), flush=True)
-    rows = run(args.quick, repeats, args.max_run_gib, log=lambda s: print(s, flush=True))
+    print(common.machine_line(), f"dtype {args.dtype}", flush=True)
+    rows = run(args.quick, repeats, args.max_run_gib, log=lambda s: print(s, flush=True), dtype=jnp.dtype(args.dtype))
     print()
     print(table(rows))
     if args.json:

@@ -141,11 +141,6 @@ def default_platform() -> str:
     return {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(name, "interpret")
 
 
-def _by_platform(o: _Options, run, *args):
-    """run(platform, *args) for o.platform, else for default_platform()."""
-    return run(o.platform or default_platform(), *args)
-
-
 def _setup(o: _Options, platform: str, name: str, dims, dtype, tgmm: bool):
     """(kernel platform, interpret, tiling) for one call, the tiling checked."""
     kernel_platform = "tpu" if platform == "interpret" else platform
@@ -159,86 +154,55 @@ def _setup(o: _Options, platform: str, name: str, dims, dtype, tgmm: bool):
     return kernel_platform, interpret, tiling
 
 
-def _gmm_impl(o: _Options, lhs, rhs, group_sizes, group_offset):
-    def run(platform, lhs, rhs, group_sizes, group_offset):
-        dims = (lhs.shape[0], lhs.shape[1], rhs.shape[1 if o.transpose_rhs else 2])
-        kp, interpret, tiling = _setup(o, platform, "gmm", dims, lhs.dtype, False)
-        meta = group_metadata(group_sizes, dims[0], tiling[0], o.n_local, group_offset, visit_empty_groups=False)
-        if kp == "gpu":
-            return gmm_gpu.gmm(lhs, rhs, meta, tiling, transpose_rhs=o.transpose_rhs, out_dtype=o.out_dtype,
-                               num_warps=4, num_stages=3, interpret=interpret)
-        need = _vmem_bytes(tiling, lhs.dtype.itemsize, jnp.dtype(o.out_dtype).itemsize, False)
-        return gmm_tpu.gmm(lhs, rhs, meta, tiling, transpose_rhs=o.transpose_rhs, out_dtype=o.out_dtype,
-                           vmem_limit=_vmem_limit(need), interpret=interpret)
-
-    return _by_platform(o, run, lhs, rhs, group_sizes, group_offset)
-
-
-def _tgmm_impl(o: _Options, lhs, grad, group_sizes, group_offset):
-    def run(platform, lhs, grad, group_sizes, group_offset):
-        dims = (lhs.shape[0], lhs.shape[1], grad.shape[1])
-        kp, interpret, tiling = _setup(o, platform, "tgmm", dims, lhs.dtype, True)
-        meta = group_metadata(group_sizes, dims[0], tiling[0], o.n_local, group_offset, visit_empty_groups=True)
-        if kp == "gpu":
-            return gmm_gpu.tgmm(lhs, grad, meta, tiling, n_local=o.n_local, out_dtype=o.out_dtype,
-                                num_warps=4, num_stages=3, interpret=interpret)
-        need = _vmem_bytes(tiling, lhs.dtype.itemsize, jnp.dtype(o.out_dtype).itemsize, True)
-        return gmm_tpu.tgmm(lhs, grad, meta, tiling, n_local=o.n_local, out_dtype=o.out_dtype,
-                            vmem_limit=_vmem_limit(need), interpret=interpret)
-
-    return _by_platform(o, run, lhs, grad, group_sizes, group_offset)
+def _impl(o: _Options, tgmm: bool, x, y, group_sizes, group_offset):
+    """gmm(lhs=x, rhs=y) or tgmm(lhs=x, grad=y) with the kernels of o.platform (default_platform())."""
+    n = y.shape[1] if tgmm or o.transpose_rhs else y.shape[2]
+    dims = (x.shape[0], x.shape[1], n)  # (m, k, n)
+    kp, interpret, tiling = _setup(o, o.platform or default_platform(), "tgmm" if tgmm else "gmm", dims, x.dtype,
+                                   tgmm)
+    meta = group_metadata(group_sizes, dims[0], tiling[0], o.n_local, group_offset, visit_empty_groups=tgmm)
+    if kp == "gpu":
+        kernels, kw = gmm_gpu, dict(num_warps=4, num_stages=3, interpret=interpret)
+    else:
+        need = _vmem_bytes(tiling, x.dtype.itemsize, jnp.dtype(o.out_dtype).itemsize, tgmm)
+        kernels, kw = gmm_tpu, dict(vmem_limit=_vmem_limit(need), interpret=interpret)
+    if tgmm:
+        return kernels.tgmm(x, y, meta, tiling, n_local=o.n_local, out_dtype=o.out_dtype, **kw)
+    return kernels.gmm(x, y, meta, tiling, transpose_rhs=o.transpose_rhs, out_dtype=o.out_dtype, **kw)
 
 
 def _no_grad(x):
     return np.zeros(x.shape, dtype=jax.dtypes.float0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gmm(o: _Options, lhs, rhs, group_sizes, group_offset):
-    return _gmm_impl(o, lhs, rhs, group_sizes, group_offset)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _grouped(o: _Options, tgmm: bool, x, y, group_sizes, group_offset):
+    return _impl(o, tgmm, x, y, group_sizes, group_offset)
 
 
-def _gmm_fwd(o, lhs, rhs, group_sizes, group_offset):
-    return _gmm(o, lhs, rhs, group_sizes, group_offset), (lhs, rhs, group_sizes, group_offset)
+def _grouped_fwd(o, tgmm, x, y, group_sizes, group_offset):
+    return _grouped(o, tgmm, x, y, group_sizes, group_offset), (x, y, group_sizes, group_offset)
 
 
-def _gmm_bwd(o, res, dout):
-    """d lhs = gmm(dout, rhs) with rhs transposed the other way; d rhs = tgmm(lhs, dout) (or (dout, lhs))."""
-    lhs, rhs, group_sizes, group_offset = res
-    dout = dout.astype(lhs.dtype)
-    back = dataclasses.replace(o, tiling=None, transpose_rhs=not o.transpose_rhs, out_dtype=lhs.dtype)
-    dlhs = _gmm(back, dout, rhs, group_sizes, group_offset)
-    wgrad = dataclasses.replace(o, tiling=None, transpose_rhs=False, out_dtype=rhs.dtype)
-    x, y = (dout, lhs) if o.transpose_rhs else (lhs, dout)
-    drhs = _tgmm(wgrad, x, y, group_sizes, group_offset)
-    return dlhs, drhs, _no_grad(group_sizes), _no_grad(group_offset)
-
-
-_gmm.defvjp(_gmm_fwd, _gmm_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _tgmm(o: _Options, lhs, grad, group_sizes, group_offset):
-    return _tgmm_impl(o, lhs, grad, group_sizes, group_offset)
-
-
-def _tgmm_fwd(o, lhs, grad, group_sizes, group_offset):
-    return _tgmm(o, lhs, grad, group_sizes, group_offset), (lhs, grad, group_sizes, group_offset)
-
-
-def _tgmm_bwd(o, res, dout):
-    """out_i = lhs_i^T grad_i: d lhs = gmm(grad, dout, transposed), d grad = gmm(lhs, dout)."""
-    lhs, grad, group_sizes, group_offset = res
+def _grouped_bwd(o, tgmm, res, dout):
+    """gmm, out_r = x_r y_g (y_g^T if transposed): d x = gmm(dout, y) transposed the other way,
+    d y = tgmm(x, dout) (tgmm(dout, x) if transposed). tgmm, out_g = x_g^T y_g: d x = gmm(y, dout^T),
+    d y = gmm(x, dout). Backward kernels use the default tiles for their shapes."""
+    x, y, group_sizes, group_offset = res
     back = dataclasses.replace(o, tiling=None)
-    dout = dout.astype(lhs.dtype)
-    dlhs = _gmm(dataclasses.replace(back, transpose_rhs=True, out_dtype=lhs.dtype), grad.astype(lhs.dtype), dout,
-                group_sizes, group_offset)
-    dgrad = _gmm(dataclasses.replace(back, transpose_rhs=False, out_dtype=grad.dtype), lhs, dout,
-                 group_sizes, group_offset)
-    return dlhs, dgrad, _no_grad(group_sizes), _no_grad(group_offset)
+    dout = dout.astype(x.dtype)
+    ops = lambda transpose, out_dtype: dataclasses.replace(back, transpose_rhs=transpose, out_dtype=out_dtype)
+    if tgmm:
+        dx = _grouped(ops(True, x.dtype), False, y.astype(x.dtype), dout, group_sizes, group_offset)
+        dy = _grouped(ops(False, y.dtype), False, x, dout, group_sizes, group_offset)
+    else:
+        dx = _grouped(ops(not o.transpose_rhs, x.dtype), False, dout, y, group_sizes, group_offset)
+        a, b = (dout, x) if o.transpose_rhs else (x, dout)
+        dy = _grouped(ops(False, y.dtype), True, a, b, group_sizes, group_offset)
+    return dx, dy, _no_grad(group_sizes), _no_grad(group_offset)
 
 
-_tgmm.defvjp(_tgmm_fwd, _tgmm_bwd)
+_grouped.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
@@ -253,7 +217,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
     _check("gmm", lhs, rhs, group_sizes, group_offset, 2 if transpose_rhs else 1)
     o = _Options(transpose_rhs, rhs.shape[0], jnp.dtype(preferred_element_type or lhs.dtype), tiling,
                  _resolve(platform), interpret)
-    return _gmm(o, *vary_alike(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32)))
+    return _grouped(o, False, *vary_alike(lhs, rhs, group_sizes, jnp.asarray(group_offset, jnp.int32)))
 
 
 def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, num_groups: int | None = None,
@@ -269,4 +233,4 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, num_groups:
     _check_groups("tgmm", group_sizes, group_offset, n_local, lhs.shape[0])
     o = _Options(False, n_local, jnp.dtype(preferred_element_type or lhs.dtype), tiling, _resolve(platform),
                  interpret)
-    return _tgmm(o, *vary_alike(lhs, grad, group_sizes, jnp.asarray(group_offset, jnp.int32)))
+    return _grouped(o, True, *vary_alike(lhs, grad, group_sizes, jnp.asarray(group_offset, jnp.int32)))

@@ -40,7 +40,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import gmm_gpu, gmm_tpu

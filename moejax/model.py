@@ -62,6 +62,9 @@ class ModelConfig:
         return moe_lib.dense(self.d_model, self.dense_d_ff or self.moe.d_ff, activation=self.moe.activation)
 
 
+ACT = ("batch", "length", "embed")  # activations between layers: split by batch (moejax.sharding)
+
+
 class RMSNorm(nnx.Module):
     """x / rms(x) * scale, computed in float32 (Zhang & Sennrich 2019)."""
 
@@ -140,13 +143,28 @@ class Transformer(nnx.Module):
             self.unembed = nnx.Param(init(rngs.params(), (config.d_model, config.vocab_size), jnp.float32),
                                      axes=("embed", "vocab"))
 
+    def _embed(self, tokens, positions):
+        """(x [B, S, d] in the compute dtype, positions [B, S] (default 0..S-1))."""
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        return sharding.constrain(self.embed[...].astype(jnp.dtype(self.config.dtype))[tokens], ACT), positions
+
+    def routes(self, tokens, positions=None, segment_ids=None) -> list:
+        """Eval-mode routing of tokens [B, S] in every MoE layer with routed experts, for inspection:
+        one `routing.Routing` (expert_ids, weights [B S, K]) or `routing.ExpertChoice` per such layer."""
+        x, positions = self._embed(tokens, positions)
+        out = []
+        for block in self.blocks:
+            if block.ffn.config.n_experts:
+                h = x + block.attn(block.attn_norm(x), positions, segment_ids)
+                out.append(block.ffn.route(block.ffn_norm(h), token_ids=tokens))
+            x, _ = block(x, positions, segment_ids, tokens, None)
+        return out
+
     def __call__(self, tokens, positions=None, segment_ids=None, key=None):
         c = self.config
         dtype = jnp.dtype(c.dtype)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        act = ("batch", "length", "embed")  # activations between layers: split by batch (moejax.sharding)
-        x = sharding.constrain(self.embed[...].astype(dtype)[tokens], act)
+        x, positions = self._embed(tokens, positions)
         keys = jax.random.split(key, c.n_layers) if key is not None else [None] * c.n_layers
         stats = []
         call = lambda block, *args: block(*args)
@@ -154,7 +172,7 @@ class Transformer(nnx.Module):
             call = nnx.remat(call)
         for layer, block in enumerate(self.blocks):
             x, s = call(block, x, positions, segment_ids, tokens, keys[layer])
-            x = sharding.constrain(x, act)
+            x = sharding.constrain(x, ACT)
             if c.is_moe(layer):
                 stats.append(s)
         x = self.final_norm(x)

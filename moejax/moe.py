@@ -52,6 +52,8 @@ class MoEConfig:
     buffer, 0 = `dispatch.auto_block` (the largest power of two <= T K / E, at most 256).
     Losses (coefficients, >= 0): aux_loss_coef (a1), device_loss_coef (a2, over `n_devices` groups of
     experts; 0 = the devices of the mesh's expert axis), seq_aux_loss_coef (DeepSeek-V3), z_loss_coef (ST-MoE).
+    `disable_top` r > 0 masks each token's r best routed experts before its K picks: an evaluation ablation
+    of a trained model (DeepSeekMoE sec. 4.5, Fig. 4), 0 in training.
     Placement: `pad_experts_to` rounds the expert weights up to `n_slots` (e.g. DeepSeekMoE's 63 routed
     experts to 64 for an expert axis of 8); device j of D holds slots [j n_slots / D, (j + 1) n_slots / D).
     """
@@ -85,6 +87,7 @@ class MoEConfig:
     pad_experts_to: int = 1
     seq_aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
+    disable_top: int = 0
 
     def __post_init__(self):
         _require(self.d_model >= 1, "d_model", self.d_model, "an integer >= 1")
@@ -142,6 +145,11 @@ class MoEConfig:
                      "False with dispatch='dropless' (nothing is dropped)")
         if self.aux_free_bias:
             _require(self.router == "topk", "aux_free_bias", self.aux_free_bias, "False unless router='topk'")
+        _require(0 <= self.disable_top <= max(self.n_experts - self.top_k, 0), "disable_top", self.disable_top,
+                 f"0 <= disable_top <= n_experts - top_k = {max(self.n_experts - self.top_k, 0)}")
+        if self.disable_top:
+            _require(self.router in ("topk", "gshard") and self.n_groups == 1, "disable_top", self.disable_top,
+                     "0 unless router is 'topk' or 'gshard' without group-limited routing")
         _require(self.pad_experts_to >= 1, "pad_experts_to", self.pad_experts_to, "an integer >= 1")
         _require(self.n_devices == 0 or (self.n_devices >= 1 and (self.n_slots or 1) % self.n_devices == 0),
                  "n_devices", self.n_devices, f"0 (the mesh's expert axis) or a divisor of n_experts={self.n_experts}"
@@ -365,7 +373,10 @@ class MoE(nnx.Module):
         routed, stats = self._routed(x, token_ids, key)
         return y.reshape(B, S, d) + routed, stats
 
-    def _routed(self, x, token_ids, key):
+    def route(self, x: jax.Array, *, token_ids: jax.Array | None = None, key: jax.Array | None = None):
+        """Where this layer sends x [B, S, d] (key None: eval mode): a `routing.Routing` over the T = B S
+        tokens (token choice), or for expert choice a `routing.ExpertChoice` per sequence (token_ids,
+        weights [B, E, C] indexing the sequence; probs, logits [B, S, E])."""
         c = self.config
         B, S, d = x.shape
         xt = x.reshape(B * S, d)
@@ -373,18 +384,24 @@ class MoE(nnx.Module):
         if c.router == "hash":
             if token_ids is None:
                 raise ValueError("router='hash' needs token_ids [B, S] in MoE.__call__")
-            r = routing.hash_routing(token_ids.reshape(-1), c.n_experts, c.top_k, c.hash_salt)
-        else:
-            xr = routing.jitter(xt, k_jit, c.jitter) if (key is not None and c.jitter > 0) else xt
-            logits = xr.astype(jnp.float32) @ self.router[...].astype(jnp.float32)  # [T, E]
-            if c.router == "expert_choice":
-                return self._expert_choice(x, logits)
-            if c.router == "gshard":
-                r = routing.gshard_top2(logits, k_route)
-            else:
-                r = routing.topk(logits, c.top_k, score_fn=c.score_fn, normalize=c.normalize,
-                                 scale=c.routed_scale, bias=self.bias[...] if c.aux_free_bias else None,
-                                 n_groups=c.n_groups, topk_groups=c.topk_groups, group_score=c.group_score)
+            return routing.hash_routing(token_ids.reshape(-1), c.n_experts, c.top_k, c.hash_salt)
+        xr = routing.jitter(xt, k_jit, c.jitter) if (key is not None and c.jitter > 0) else xt
+        logits = xr.astype(jnp.float32) @ self.router[...].astype(jnp.float32)  # [T, E]
+        if c.router == "expert_choice":
+            C = min(S, dispatch.capacity(S, c.top_k, c.n_experts, c.capacity_factor))
+            return jax.vmap(routing.expert_choice, (0, None))(logits.reshape(B, S, -1), C)  # [B, E, C]
+        if c.router == "gshard":
+            return routing.gshard_top2(logits, k_route, c.disable_top)
+        return routing.topk(logits, c.top_k, score_fn=c.score_fn, normalize=c.normalize, scale=c.routed_scale,
+                            bias=self.bias[...] if c.aux_free_bias else None, n_groups=c.n_groups,
+                            topk_groups=c.topk_groups, group_score=c.group_score, disable_top=c.disable_top)
+
+    def _routed(self, x, token_ids, key):
+        c = self.config
+        B, S, d = x.shape
+        r = self.route(x, token_ids=token_ids, key=key)
+        if isinstance(r, routing.ExpertChoice):
+            return self._expert_choice(x, r)
         per_seq = lambda a: a.reshape(B, S, *a.shape[1:])
         prio = jnp.max(r.weights, axis=-1) if c.batch_prioritized else jnp.zeros((B * S,), jnp.float32)
         out, dropped = self._sharded(self._token_choice, x, per_seq(r.expert_ids), per_seq(r.weights),
@@ -465,20 +482,18 @@ class MoE(nnx.Module):
         b = self.config.backend
         return experts.default_backend(per_expert, sharding.platform()) if b == "auto" else b
 
-    def _expert_choice(self, x, logits):
+    def _expert_choice(self, x, ec: routing.ExpertChoice):
         """Expert choice per sequence: each expert takes C = ceil(S K capacity_factor / E) of its tokens."""
         c = self.config
         B, S, _ = x.shape
-        E = c.n_experts
-        C = min(S, dispatch.capacity(S, c.top_k, E, c.capacity_factor))
-        ec = jax.vmap(routing.expert_choice, (0, None))(logits.reshape(B, S, E), C)  # token_ids [B, E, C]
+        E, C = c.n_experts, ec.token_ids.shape[-1]
         pad = [(0, 0), (0, c.n_slots - E), (0, 0)]  # padding slots take token 0 with gate 0
         out, _ = self._sharded(self._expert_choice_local, x, jnp.pad(ec.token_ids, pad), jnp.pad(ec.weights, pad))
         chosen = jax.vmap(lambda t: jnp.zeros((S,), bool).at[t.reshape(-1)].set(True))(ec.token_ids)  # [B, S]
         unchosen = S - chosen.sum(-1)
         zero = jnp.zeros((), jnp.float32)
         load = jnp.full((E,), float(B * C), jnp.float32)
-        zl = balance.z_loss(logits)
+        zl = balance.z_loss(ec.logits.reshape(B * S, E))
         return out, MoEStats(c.z_loss_coef * zl, zero, zero, zero, c.z_loss_coef * zl, load,
                              balance.max_violation(load), unchosen.sum() / (B * S), balance.router_entropy(ec.probs))
 

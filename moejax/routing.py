@@ -99,6 +99,7 @@ def topk(
     n_groups: int = 1,
     topk_groups: int = 1,
     group_score: str = "top2_sum",
+    disable_top: int = 0,
 ) -> Routing:
     """Token-choice top-K routing (GShard/Mixtral/DeepSeekMoE/DeepSeek-V3 family).
 
@@ -110,9 +111,14 @@ def topk(
     bias: [E] auxiliary-loss-free balancing bias (DeepSeek-V3 eq. 16; Wang et al. 2024): added to the
     scores for *selection only*; gate values use the unbiased scores. No gradient flows into it.
     n_groups > 1: group-limited routing, see `group_limit_mask`.
+    disable_top = r > 0: an evaluation ablation (DeepSeekMoE sec. 4.5, Fig. 4): each token's r best experts
+    (by the selection scores) are masked out, and the K picks are the next best.
     """
     s = scores(logits, score_fn)  # [T, E] float32
     select = s if bias is None else s + jax.lax.stop_gradient(bias.astype(jnp.float32))
+    if disable_top:
+        _, top = jax.lax.top_k(select, disable_top)  # [T, r]
+        select = select.at[jnp.arange(select.shape[0])[:, None], top].set(-jnp.inf)
     if n_groups > 1:
         allowed = group_limit_mask(select, n_groups, topk_groups, group_score)
         select = jnp.where(allowed, select, -jnp.inf)
@@ -130,14 +136,14 @@ def topk(
     )
 
 
-def gshard_top2(logits: jax.Array, key: jax.Array | None) -> Routing:
+def gshard_top2(logits: jax.Array, key: jax.Array | None, disable_top: int = 0) -> Routing:
     """GShard top-2 gating (Lepikhin et al. 2020, Algorithm 1).
 
     Gates g1, g2 of the two best softmax experts are normalised to g/(g1+g2). In training (key given)
     the second expert is kept iff 2 * g2 > u, u ~ U(0, 1); at eval (key=None) both are kept. A dropped
-    second pick has mask False and weight 0; g1 keeps its normalised value.
+    second pick has mask False and weight 0; g1 keeps its normalised value. disable_top: see `topk`.
     """
-    r = topk(logits, 2, score_fn="softmax", normalize=True)
+    r = topk(logits, 2, score_fn="softmax", normalize=True, disable_top=disable_top)
     if key is None:
         return r
     u = jax.random.uniform(key, (logits.shape[0],), jnp.float32)

@@ -14,11 +14,13 @@ before it is checkpointed (the last good checkpoint stays).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
 import signal
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +97,8 @@ class Trainer:
         self._jit_train_step = jax.jit(
             self._train_step, in_shardings=(self.state_sharding, self.batch_sharding, self.replicated),
             out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
-        self._jit_eval_step = jax.jit(self._eval_step, in_shardings=(self.state_sharding, self.batch_sharding),
+        model_sharding = {k: self.state_sharding[k] for k in ("params", "rest")}
+        self._jit_eval_step = jax.jit(self._eval_step, in_shardings=(model_sharding, self.batch_sharding),
                                       out_shardings=self.replicated)
 
     def _init(self) -> dict:
@@ -190,19 +193,37 @@ class Trainer:
         return {"params": params, "rest": rest, "opt": opt}, out
 
     def _eval_step(self, state, batch):
-        """Sums over the batch: nll of weighted targets, their count, and their UTF-8 bytes."""
-        nll, _ = self._forward(state["params"], state["rest"], batch, None)
+        """Sums over the batch: nll of weighted targets, their count, their UTF-8 bytes; and the expert
+        load counts [L, E] of the MoE layers with routed experts (L = 0 without)."""
+        nll, stats = self._forward(state["params"], state["rest"], batch, None)
         w = batch["weights"]
-        return jnp.sum(nll * w), jnp.sum(w), jnp.sum(batch["token_bytes"] * w)
+        load = jnp.stack([s.load for s in stats if s.load.shape[-1]]) if self._routed_layers else jnp.zeros((0, 0))
+        return jnp.sum(nll * w), jnp.sum(w), jnp.sum(batch["token_bytes"] * w), load
 
-    def evaluate(self, state, batches, token_bytes: np.ndarray) -> dict[str, float]:
-        """Validation loss in nats per token and bits per UTF-8 byte over `batches` (this process's rows)."""
+    @property
+    def _routed_layers(self) -> int:
+        return sum(bool(self.model_config.ffn_config(l).n_experts) for l in self.moe_layers)
+
+    def evaluate(self, state, batches, token_bytes: np.ndarray) -> dict:
+        """Validation loss in nats per token and bits per UTF-8 byte over `batches` (this process's rows).
+        With routed experts also, per MoE layer: `val_load` [L, E] (each expert's share of the assignments
+        over all batches), `val_max_vio` [L] (MaxVio of that load, Wang et al. 2024 eq. 7: MaxVio_global)
+        and `val_max_vio_batch` [L] (MaxVio of each batch's load, averaged over batches)."""
+        model = {"params": state["params"], "rest": state["rest"]}
         nll = n = n_bytes = 0.0
+        loads = []
         for b in batches:
-            s = self.eval_step(state, sharding.global_batch({**b, "token_bytes": token_bytes[b["targets"]]},
+            s = self.eval_step(model, sharding.global_batch({**b, "token_bytes": token_bytes[b["targets"]]},
                                                             self.mesh))
             nll, n, n_bytes = nll + float(s[0]), n + float(s[1]), n_bytes + float(s[2])
-        return {"val_loss": nll / max(n, 1), "val_bpb": nll / math.log(2) / max(n_bytes, 1)}
+            loads.append(np.asarray(s[3]))
+        out = {"val_loss": nll / max(n, 1), "val_bpb": nll / math.log(2) / max(n_bytes, 1)}
+        if loads and loads[0].size:
+            total = np.sum(loads, 0)  # [L, E]
+            vio = lambda c: np.asarray(jax.vmap(balance.max_violation)(c))  # [L]
+            out.update(val_load=total / np.maximum(total.sum(-1, keepdims=True), 1), val_max_vio=vio(total),
+                       val_max_vio_batch=np.mean([vio(c) for c in loads], 0))
+        return out
 
 
 class _Signals:
@@ -233,17 +254,20 @@ def _checkpoint_manager(workdir: str, t: config_lib.TrainConfig) -> ocp.Checkpoi
     return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
 
 
+def _read(mngr, step, **args):
+    """Items `args` of checkpoint `step`, or CorruptCheckpointError naming what to do."""
+    try:
+        return mngr.restore(step, args=ocp.args.Composite(**args))
+    except Exception as e:  # orbax raises many types for missing or truncated files
+        raise CorruptCheckpointError(
+            f"checkpoint step {step} in {mngr.directory} cannot be read ({type(e).__name__}: {e}). Nothing was "
+            f"changed. Move {os.path.join(str(mngr.directory), str(step))} aside to resume from the previous "
+            f"checkpoint (saved steps: {list(mngr.all_steps())}), or use a new --workdir.") from e
+
+
 def _restore(mngr, step, trainer, config_dict, train_iter):
     """Restore the state at `step` (returned) and train_iter's position, refusing a checkpoint of another config."""
-    def read(**args):
-        try:
-            return mngr.restore(step, args=ocp.args.Composite(**args))
-        except Exception as e:  # orbax raises many types for missing or truncated files
-            raise CorruptCheckpointError(
-                f"checkpoint step {step} in {mngr.directory} cannot be read ({type(e).__name__}: {e}). Nothing was "
-                f"changed. Move {os.path.join(str(mngr.directory), str(step))} aside to resume from the previous "
-                f"checkpoint (saved steps: {list(mngr.all_steps())}), or use a new --workdir.") from e
-
+    read = functools.partial(_read, mngr, step)
     diff = config_lib.incompatible(read(config=ocp.args.JsonRestore())["config"], config_dict)
     if diff:
         raise IncompatibleCheckpointError(
@@ -261,6 +285,69 @@ def _restore(mngr, step, trainer, config_dict, train_iter):
             f"{n_saved[0]} processes (any mesh), or use a new --workdir.")
     return read(state=ocp.args.StandardRestore(trainer.abstract_state()),
                 data=grain.checkpoint.CheckpointRestore(train_iter))["state"]
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A trained model loaded from a workdir (`load_checkpoint`), for evaluation and inspection."""
+
+    run: config_lib.RunConfig
+    trainer: Trainer  # of the (possibly changed) model, on one device
+    state: dict  # {'params', 'rest'}
+    tokenizer: Any
+    step: int
+
+    def model(self) -> model_lib.Transformer:
+        return nnx.merge(self.trainer.graphdef, self.state["params"], self.state["rest"])
+
+    def evaluate(self) -> dict:
+        """Trainer.evaluate on the run's validation batches."""
+        from moejax import data as data_lib
+
+        return self.trainer.evaluate(self.state, data_lib.eval_batches(self.run.data, self.tokenizer),
+                                     np.asarray(self.tokenizer.token_bytes, np.float32))
+
+
+def load_checkpoint(workdir: str, *, step: int | None = None, moe_changes: dict | None = None) -> Checkpoint:
+    """Checkpoint `step` (default: the latest) of a training workdir, with the config in workdir/config.json.
+
+    moe_changes: MoEConfig fields to change in every MoE layer, for evaluation-time ablations of the trained
+    model (DeepSeekMoE sec. 4.5): {'disable_top': r}, {'top_k': k}, or {'n_shared': 0, 'top_k': K + 1}
+    (parameters the changed model lacks, such as the shared experts, are dropped).
+    """
+    from moejax import data as data_lib
+
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing; allowed: a workdir written by moejax training "
+                                f"(train_and_evaluate writes config.json and checkpoints/)")
+    with open(path) as f:
+        run = config_lib.to_typed(json.load(f))
+    tokenizer = data_lib.get_tokenizer(run.data)
+    trained = run.model_config(tokenizer.vocab_size)
+    model_config = trained
+    if moe_changes:
+        config_lib.check_keys(moe_changes, [f.name for f in dataclasses.fields(moe_lib.MoEConfig)], "moe_changes")
+        model_config = dataclasses.replace(trained, moe=dataclasses.replace(trained.moe, **moe_changes))
+    mngr = _checkpoint_manager(workdir, run.train)
+    try:
+        step = step if step is not None else mngr.latest_step()
+        if step is None or step not in mngr.all_steps():
+            raise FileNotFoundError(f"step={step!r} is not in {mngr.directory}; allowed: one of the saved steps "
+                                    f"{list(mngr.all_steps())}")
+        state = _read(mngr, step, state=ocp.args.StandardRestore(Trainer(trained, run.train, run.seed).abstract_state()))
+    finally:
+        mngr.close()
+    trainer = Trainer(model_config, run.train, run.seed)
+    like = trainer.abstract_state()
+    picked = {k: _subset(state["state"][k], like[k]) for k in ("params", "rest")}
+    return Checkpoint(run, trainer, picked, tokenizer, step)
+
+
+def _subset(full: nnx.State, like: nnx.State) -> nnx.State:
+    """The entries of `full` at the paths of `like` (every one must be there)."""
+    flat = dict(full.flat_state())
+    return nnx.State.from_flat_path({p: flat[p] for p, _ in like.flat_state()})
 
 
 def _save(mngr, step, state, train_iter, config_dict):
@@ -346,7 +433,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
                     window, window_start, timed = [], time.time(), 0
                 if step % t.eval_every == 0 or step == t.steps:
                     ev = trainer.evaluate(state, eval_set, token_bytes)
-                    writer.write(step, ev)
+                    writer.write(step, {k: v for k, v in ev.items() if np.ndim(v) == 0},
+                                 {k: v for k, v in ev.items() if np.ndim(v) > 0})
                     summary.update(ev)
                     bar.write(f"step {step}: val_loss {ev['val_loss']:.4f} nats/token, {ev['val_bpb']:.4f} bits/byte")
                     window_start, timed = time.time(), 0  # eval time does not count against tokens/s

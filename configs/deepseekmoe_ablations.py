@@ -1,0 +1,84 @@
+"""The DeepSeekMoE paper's ablations (Dai et al. 2024, arXiv:2401.06066, sec. 4.2-4.5 and appendix B) and the
+OLMoE / auxiliary-loss-free baselines, at the scales and with the training recipe of deepseekmoe_table1.py.
+
+  python -m moejax.main --config=configs/deepseekmoe_ablations.py:variant=seg_1s_3of31,scale=tiny --workdir=/tmp/s
+
+Arguments: variant in VARIANTS (below); scale in (tiny, small, paper). Every variant keeps a standard FFN
+width d_ff as its unit: routed-expert layers hold 16 x its parameters (16 d_ff of hidden units) unless
+the name says otherwise, and `active` counts the FFN hidden units a token passes through, in d_ff.
+The suites of experiments/deepseekmoe/run.py train these variants; its README gives runtimes and results.
+
+  variant          FFN                                                          total  active
+  dense, hash, switch, gshard, deepseekmoe: Table 1, see deepseekmoe_table1.py
+  gshard_x1.2      GShard with 16 experts of 1.2 d_ff (Table 2, app. B)           19.2   2.4
+  gshard_x1.5      GShard with 16 experts of 1.5 d_ff (Table 2)                   24     3
+  dense_x4         one FFN of 4 d_ff                                              4      4
+  dense_x16        one FFN of 16 d_ff: every parameter of the 16 experts active   16     16
+  seg_0s_2of16     DeepSeekMoE router, 0 shared + 2 of 16 routed of d_ff (Fig. 3)  16     2
+  seg_1s_1of15     1 shared + 1 of 15 routed, d_ff wide                           16     2
+  seg_1s_3of31     1 shared + 3 of 31 routed, d_ff / 2 wide (m = 2)               16     2
+                   (1 shared + 7 of 63, m = 4, is `deepseekmoe`)
+  shared_2of64     2 shared + 6 of 62 routed of d_ff / 4 (sec. 4.5, shared ratio)  16     2
+  shared_4of64     4 shared + 4 of 60 routed of d_ff / 4                          16     2
+  aux_free         deepseekmoe, no balance loss; aux-loss-free bias, u = 1e-3      16     2
+                   (Wang et al. 2024; DeepSeek-V3 sec. 2.1.2)
+  no_balance       deepseekmoe with neither balance loss nor bias                 16     2
+  olmoe            OLMoE: 8 of 64 routed of d_ff / 4, no shared, z-loss 1e-3      16     2
+  olmoe_shared     the same with 1 shared + 7 of 63 routed                        16     2
+  expert_choice    64 experts of d_ff / 4, each takes C = 8 S / 64 tokens of a     16     2
+                   sequence (Zhou et al. 2022; OLMoE sec. 4.1.4). Not causal: which tokens an expert takes
+                   depends on later tokens of the sequence, so its loss is not comparable with the others'.
+Runtimes at scale=tiny on 2 CPU cores: 30-80 s per run (dense_x16 longer); see experiments/deepseekmoe.
+"""
+import importlib.util
+import os
+
+from moejax import moe
+
+_spec = importlib.util.spec_from_file_location(
+    "deepseekmoe_table1", os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepseekmoe_table1.py"))
+table1 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(table1)
+
+LEARNED = dict(dispatch="dropless", aux_loss_coef=0.01)  # the paper's rules: no token dropping, a1 = 0.01
+
+
+def _width(d_ff: int, ratio: float) -> int:
+    """ratio x d_ff rounded to a multiple of 8."""
+    return max(8, round(ratio * d_ff / 8) * 8)
+
+
+VARIANTS = {
+    **{m: (lambda m: lambda d, f: table1.moe_config(m, d, f))(m) for m in table1.METHODS},
+    "gshard_x1.2": lambda d, f: moe.gshard(d, _width(f, 1.2), n_experts=16, **LEARNED),
+    "gshard_x1.5": lambda d, f: moe.gshard(d, _width(f, 1.5), n_experts=16, **LEARNED),
+    "dense_x4": lambda d, f: moe.dense(d, 4 * f),
+    "dense_x16": lambda d, f: moe.dense(d, 16 * f),
+    "seg_0s_2of16": lambda d, f: moe.deepseekmoe(d, f, n_experts=16, top_k=2, m=1, n_shared=0),
+    "seg_1s_1of15": lambda d, f: moe.deepseekmoe(d, f, n_experts=16, top_k=2, m=1, n_shared=1),
+    "seg_1s_3of31": lambda d, f: moe.deepseekmoe(d, f, n_experts=16, top_k=2, m=2, n_shared=1),
+    "shared_2of64": lambda d, f: moe.deepseekmoe(d, f, n_experts=16, top_k=2, m=4, n_shared=2),
+    "shared_4of64": lambda d, f: moe.deepseekmoe(d, f, n_experts=16, top_k=2, m=4, n_shared=4),
+    "aux_free": lambda d, f: moe.deepseekmoe(d, f, n_experts=16, top_k=2, m=4, n_shared=1, aux_loss_coef=0.0,
+                                             aux_free_bias=True, bias_update_rate=1e-3),
+    "no_balance": lambda d, f: moe.deepseekmoe(d, f, n_experts=16, top_k=2, m=4, n_shared=1, aux_loss_coef=0.0),
+    "olmoe": lambda d, f: moe.olmoe(d, f, n_experts=64, top_k=8, segmentation=4),
+    "olmoe_shared": lambda d, f: moe.olmoe(d, f, n_experts=63, top_k=7, n_shared=1, segmentation=4),
+    "expert_choice": lambda d, f: moe.expert_choice(d, f, n_experts=64, top_k=8, segmentation=4),
+}
+
+
+def moe_config(variant: str, d_model: int, d_ff: int) -> moe.MoEConfig:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is invalid; allowed: {tuple(VARIANTS)}")
+    return VARIANTS[variant](d_model, d_ff)
+
+
+def get_config(arg=None):
+    from moejax import config as config_lib
+
+    a = config_lib.parse_arg(arg, variant="deepseekmoe", scale="tiny")
+    c = table1.get_config(f"method=deepseekmoe,scale={a.scale}")
+    d, d_ff = c.model.d_model, c.model.moe.d_ff
+    c.model.moe = {k: v for k, v in vars(moe_config(a.variant, d, d_ff)).items() if k != "d_model"}
+    return c

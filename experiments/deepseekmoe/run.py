@@ -1,0 +1,257 @@
+"""Train every run of a DeepSeekMoE ablation suite (experiments/deepseekmoe/suites.py) and write its results.
+
+  python -m experiments.deepseekmoe.run --suite=table1 --scale=tiny --seeds=3 --workdir=/tmp/table1
+
+Suites: table1, larger, segmentation, shared_ratio, specialisation, balancing, olmoe. Scales: tiny (2-core
+CPU, about a minute per run), small, paper (see configs/deepseekmoe_table1.py). Seed s sets config.seed
+(initialisation, routing noise) and config.data.shuffle_seed (data order) to s, for s = 0 .. seeds - 1.
+
+The workdir holds
+  suite.json                     the suite, scale and --set overrides it was made for; a later command with
+                                 others is refused (more seeds or --only subsets are fine)
+  runs/VARIANT/seedS/            each run's training workdir (checkpoints, metrics.jsonl, TensorBoard)
+  results/VARIANT-seedS.json     each finished run: its config, commit, wall time, parameters, FLOPs per token,
+                                 final validation loss, loss and MaxVio curves, validation expert load, and
+                                 (specialisation) the evaluation-time ablations
+  report/                        tables (markdown, LaTeX) and figures (experiments/deepseekmoe/report.py)
+A run with a results file is skipped; a run that was killed resumes from its last checkpoint, and
+SIGTERM / Ctrl-C checkpoint the current run and stop (exit status 128 + signal). A results file of a
+different config is refused rather than mixed in.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+from absl import app, flags, logging
+
+from experiments.deepseekmoe import suites
+
+_SUITE = flags.DEFINE_string("suite", None, f"One of {tuple(suites.SUITES)}.")
+_SCALE = flags.DEFINE_string("scale", "tiny", f"One of {suites.SCALES}.")
+_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds 0 .. seeds - 1 of every variant.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Results directory of this suite (created; resumed if present).")
+_ONLY = flags.DEFINE_list("only", [], "Train only these variants of the suite (default: all).")
+_SET = flags.DEFINE_list("set", [], "Config overrides for every run, key=value (e.g. train.steps=50); recorded "
+                                    "in suite.json.")
+_REPORT = flags.DEFINE_bool("report", True, "Write report/ (tables and figures) when the runs are done.")
+flags.mark_flags_as_required(["suite", "workdir"])
+
+
+class SuiteMismatchError(ValueError):
+    """The results directory belongs to another suite, scale or set of overrides, or a results file to another
+    config."""
+
+
+def parse_set(items: list[str]) -> dict:
+    """['train.steps=50', ...] -> {'train.steps': 50, ...} (values parsed as JSON where they parse)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ValueError(f"--set item {item!r} is invalid; allowed: section.key=value, e.g. train.steps=50")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def run_config(variant: str, scale: str, seed: int, overrides: dict):
+    """The experiment ConfigDict of one run."""
+    module = suites.load_config_module()
+    c = module.get_config(f"variant={variant},scale={scale}")
+    c.seed = seed
+    c.data.shuffle_seed = seed
+    for key, value in overrides.items():
+        node, *path = key.split(".")
+        parent = c
+        for part in [node] + path[:-1]:
+            if part not in parent:
+                raise ValueError(f"--set {key}: the config has no section {part!r}; allowed: {sorted(parent.keys())}")
+            parent = parent[part]
+        if path[-1] not in parent:
+            raise ValueError(f"--set {key}: the config has no key {path[-1]!r}; allowed: {sorted(parent.keys())}")
+        parent[path[-1]] = value
+    return c
+
+
+def claim(workdir: str, suite: str, scale: str, overrides: dict) -> None:
+    """Write workdir/suite.json, or refuse a workdir made for another suite, scale or overrides."""
+    path = os.path.join(workdir, "suite.json")
+    want = {"suite": suite, "scale": scale, "set": overrides}
+    if os.path.exists(path):
+        with open(path) as f:
+            have = json.load(f)
+        have = {k: have.get(k) for k in want}
+        if have != want:
+            raise SuiteMismatchError(
+                f"--workdir={workdir} holds results of suite={have['suite']!r}, scale={have['scale']!r}, "
+                f"set={have['set']}; this command asks for suite={suite!r}, scale={scale!r}, set={overrides}. "
+                f"Results of different experiments are never mixed: use another --workdir.")
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({**want, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": commit()}, f, indent=1)
+
+
+def commit() -> str:
+    """The repository's git commit (with '+dirty' if tracked files changed), or 'unknown'."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=suites.REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=suites.REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def result_path(workdir: str, variant: str, seed: int) -> str:
+    return os.path.join(workdir, "results", f"{variant}-seed{seed}.json")
+
+
+def check_result(path: str, config_dict: dict) -> bool:
+    """True if `path` holds a finished result of this config; SuiteMismatchError if it holds another config's."""
+    from moejax import config as config_lib
+
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        saved = json.load(f)
+    diff = config_lib.incompatible(saved["config"], config_dict)
+    if diff:
+        raise SuiteMismatchError(f"{path} holds the result of a different config; refusing to mix it in. Use "
+                                 f"another --workdir, or move the file aside. Differences: " + "; ".join(diff))
+    return True
+
+
+def model_facts(config) -> dict:
+    """Parameter counts and training FLOPs per token of a config's model (byte or SentencePiece vocabulary)."""
+    import jax
+    from flax import nnx
+
+    from moejax import config as config_lib, data as data_lib, metrics, model as model_lib
+
+    run = config_lib.to_typed(config)
+    mc = run.model_config(data_lib.get_tokenizer(run.data).vocab_size)
+    abstract = nnx.eval_shape(lambda: model_lib.Transformer(mc, rngs=nnx.Rngs(0)))
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    active = metrics.active_params(mc)
+    return {"params_total": int(total), "params_active": int(sum(active.values())),
+            "params_active_ffn": int(active["ffn"]), "flops_per_token": metrics.flops_per_token(mc, run.data.seq_len)}
+
+
+def curves(run_dir: str) -> dict:
+    """Training and validation curves of a run from its metrics.jsonl."""
+    from moejax import metrics
+
+    rows = metrics.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    train = [r for r in rows if "loss" in r]
+    val = [r for r in rows if "val_loss" in r]
+    out = {"step": [r["step"] for r in train], "loss": [r["loss"] for r in train],
+           "ce_loss": [r["ce_loss"] for r in train], "val_step": [r["step"] for r in val],
+           "val_loss": [r["val_loss"] for r in val]}
+    if train and "max_vio" in train[0]:
+        out["max_vio"] = [r["max_vio"] for r in train]  # [steps logged][L]
+    speeds = sorted(r["tokens_per_s"] for r in train if r.get("tokens_per_s"))
+    out["tokens_per_s"] = speeds[len(speeds) // 2] if speeds else None  # median over log windows
+    return out
+
+
+def train_run(row: suites.Row, scale: str, seed: int, overrides: dict, workdir: str) -> dict | None:
+    """Train (or resume) one run and return its result dict; None if a signal stopped it."""
+    import jax
+
+    from moejax import train
+
+    config = run_config(row.variant, scale, seed, overrides)
+    config_dict = json.loads(config.to_json())
+    path = result_path(workdir, row.variant, seed)
+    if check_result(path, config_dict):
+        print(f"  {row.variant} seed {seed}: done ({os.path.relpath(path, workdir)})")
+        return None
+    run_dir = os.path.join(workdir, "runs", row.variant, f"seed{seed}")
+    print(f"  {row.variant} seed {seed}: training in {run_dir}", flush=True)
+    os.makedirs(run_dir, exist_ok=True)
+    start = time.time()
+    summary = train.train_and_evaluate(config, run_dir, progress=False)
+    if summary["interrupted"]:
+        return {"interrupted": summary["interrupted"]}
+    result = {"variant": row.variant, "label": row.label, "seed": seed, "scale": scale, "config": config_dict,
+              "commit": commit(), "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+              "host": platform.node(), "wall_s": time.time() - start, "train_wall_s": summary["wall_s"],
+              "steps": summary["steps"], "tokens": summary["tokens"], "val_loss": summary["val_loss"],
+              "val_bpb": summary["val_bpb"], **model_facts(config), "curves": curves(run_dir)}
+    for key in ("val_load", "val_max_vio", "val_max_vio_batch"):
+        if key in summary:
+            result[key] = summary[key].tolist()
+    if row.evals:
+        result["evals"] = {}
+        for name, changes in suites.evals(config_dict["model"]["moe"]).items():
+            ev = train.load_checkpoint(run_dir, moe_changes=changes).evaluate()
+            result["evals"][name] = {"changes": changes, "val_loss": ev["val_loss"], "val_bpb": ev["val_bpb"]}
+            print(f"    eval {name}: val_loss {ev['val_loss']:.4f}", flush=True)
+        result["wall_s"] = time.time() - start
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)  # a killed write leaves no half file behind
+    return result
+
+
+def run_suite(suite_name: str, scale: str, seeds: int, workdir: str, only=(), overrides=None,
+              report: bool = True) -> str | None:
+    """Train every (variant, seed) of the suite not finished yet; returns the name of the signal that
+    stopped it, or None. Writes workdir/report/ when all runs are done and `report`."""
+    suite = suites.get_suite(suite_name)
+    suites.check_scale(scale)
+    if seeds < 1:
+        raise ValueError(f"--seeds={seeds} is invalid; allowed: an integer >= 1")
+    names = [r.variant for r in suite.rows]
+    for v in only:
+        if v not in names:
+            raise ValueError(f"--only={v!r} is invalid for suite {suite_name!r}; allowed: {names}")
+    overrides = dict(overrides or {})
+    for variant in names:  # every config builds and validates before anything is trained
+        from moejax import config as config_lib
+
+        config_lib.to_typed(run_config(variant, scale, 0, overrides))
+    claim(workdir, suite_name, scale, overrides)
+    rows = [r for r in suite.rows if not only or r.variant in only]
+    print(f"suite {suite_name} ({suite.title}), scale {scale}, seeds 0..{seeds - 1}: {len(rows) * seeds} runs "
+          f"in {workdir}", flush=True)
+    for seed in range(seeds):
+        for row in rows:
+            out = train_run(row, scale, seed, overrides, workdir)
+            if out and out.get("interrupted"):
+                return out["interrupted"]
+    if report:
+        from experiments.deepseekmoe import report as report_lib
+
+        out = report_lib.write_report(workdir)
+        print(f"report: {out}")
+    return None
+
+
+def main(argv):
+    del argv
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    try:
+        stopped = run_suite(_SUITE.value, _SCALE.value, _SEEDS.value, _WORKDIR.value, _ONLY.value,
+                            parse_set(_SET.value), _REPORT.value)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"experiments.deepseekmoe.run: error: {e}")
+    if stopped:
+        import signal
+
+        sys.exit(128 + signal.Signals[stopped].value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,103 @@
+"""The suites of the DeepSeekMoE ablation runner: which variants of configs/deepseekmoe_ablations.py each
+trains, how each row is labelled, the paper's published numbers beside them, and the evaluation-time
+ablations of trained models (specialisation).
+
+Every variant of a suite follows the paper's equal-compute rules (Dai et al. 2024, sec. 4.1): the same
+data, steps, batch and optimiser; the MoE variants hold 16 standard FFNs of expert parameters and, except
+where a suite studies exactly that (larger baselines), the active FFN compute of GShard's top-2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(REPO, "configs", "deepseekmoe_ablations.py")
+SCALES = ("tiny", "small", "paper")
+DISABLE_RATIOS = (1 / 16, 2 / 16, 3 / 16, 4 / 16)  # of the routed experts (Fig. 4's x axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One variant of a suite: `variant` names a configs/deepseekmoe_ablations.py VARIANTS entry."""
+
+    variant: str
+    label: str
+    paper: float | None = None  # the paper's Pile loss for this row, where it publishes one
+    evals: bool = False  # evaluation-time ablations of the trained model (specialisation suite)
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    name: str
+    title: str
+    rows: tuple[Row, ...]
+    paper_note: str = ""
+
+
+SUITES = {s.name: s for s in (
+    Suite("table1", "Table 1: MoE designs at equal compute", (
+        Row("dense", "Dense", 2.060), Row("hash", "Hash Layer", 1.932), Row("switch", "Switch", 1.881),
+        Row("gshard", "GShard", 1.867), Row("deepseekmoe", "DeepSeekMoE", 1.808)),
+          "Paper: Pile validation loss, 2B-scale models (Dai et al. 2024, Table 1)."),
+    Suite("larger", "Larger baselines: GShard with larger experts, dense upper bounds", (
+        Row("gshard", "GShard"), Row("gshard_x1.2", "GShard x1.2"), Row("gshard_x1.5", "GShard x1.5"),
+        Row("dense_x4", "Dense x4"), Row("dense_x16", "Dense x16"), Row("deepseekmoe", "DeepSeekMoE")),
+          "Paper: Table 2 and appendix B compare these at 2B and 13B on downstream tasks."),
+    Suite("segmentation", "Fine-grained expert segmentation and shared expert isolation (Fig. 3)", (
+        Row("seg_0s_2of16", "0 shared + 2/16 routed"), Row("seg_1s_1of15", "1 shared + 1/15 routed"),
+        Row("seg_1s_3of31", "1 shared + 3/31 routed"), Row("deepseekmoe", "1 shared + 7/63 routed"))),
+    Suite("shared_ratio", "Shared experts out of 64 with 8 active (sec. 4.5)", (
+        Row("deepseekmoe", "1 shared + 7/63 routed"), Row("shared_2of64", "2 shared + 6/62 routed"),
+        Row("shared_4of64", "4 shared + 4/60 routed"))),
+    Suite("specialisation", "Expert specialisation: disabled top experts, no shared expert, fewer active (Fig. 4-5)", (
+        Row("deepseekmoe", "DeepSeekMoE", 1.808, evals=True), Row("gshard_x1.5", "GShard x1.5", evals=True)),
+          "Paper: DeepSeekMoE without its shared expert (one more routed expert active) goes from 1.808 to "
+          "2.414 Pile loss (sec. 4.5)."),
+    Suite("balancing", "Auxiliary loss vs auxiliary-loss-free balancing (Wang et al. 2024)", (
+        Row("deepseekmoe", "balance loss a1 = 0.01"), Row("aux_free", "loss-free bias, u = 1e-3"),
+        Row("no_balance", "neither"))),
+    Suite("olmoe", "OLMoE-style choices: shared expert, expert choice", (
+        Row("olmoe", "8/64 routed, no shared"), Row("olmoe_shared", "1 shared + 7/63 routed"),
+        Row("expert_choice", "expert choice, 64 experts, C = 8S/64"))),
+)}
+
+PAPER_EVALS = {("deepseekmoe", "no_shared"): 2.414}
+
+
+def load_config_module():
+    spec = importlib.util.spec_from_file_location("deepseekmoe_ablations", CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def get_suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise ValueError(f"--suite={name!r} is invalid; allowed: {tuple(SUITES)}")
+    return SUITES[name]
+
+
+def check_scale(scale: str) -> str:
+    if scale not in SCALES:
+        raise ValueError(f"--scale={scale!r} is invalid; allowed: {SCALES}")
+    return scale
+
+
+def evals(moe: dict) -> dict[str, dict]:
+    """Evaluation-time ablations of a trained model with MoE config `moe` (a dict of MoEConfig fields):
+    name -> MoEConfig changes. DeepSeekMoE sec. 4.5: disable each token's top r routed experts for r / E in
+    DISABLE_RATIOS (Fig. 4); drop the shared experts and route one more expert per shared one; activate
+    fewer routed experts, 1 .. K - 1 (Fig. 5)."""
+    E, K, Ks = moe["n_experts"], moe["top_k"], moe["n_shared"]
+    out = {}
+    for ratio in DISABLE_RATIOS:
+        r = round(ratio * E)
+        if 1 <= r <= E - K:
+            out[f"disable_top={r}"] = {"disable_top": r}
+    if Ks and K + Ks <= E:
+        out["no_shared"] = {"n_shared": 0, "top_k": K + Ks}
+    if moe["router"] == "topk":
+        out.update({f"top_k={k}": {"top_k": k} for k in range(1, K)})
+    return out

@@ -26,11 +26,14 @@ setuptools.setup(
         "sentencepiece>=0.2",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        # experiments/deepseekmoe report: figures (PNG, PDF)
+        "matplotlib>=3.8",
     ],
     extras_require={
         # jax[tpu] adds the libtpu release matching whichever jax is installed (its tpu extra pins it), so
         # tests compile for TPU topologies ahead of time (moejax.aot) on any Linux machine; no TPU needed.
-        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5",
+        # jupytext: the notebooks' .ipynb / .py pairs are checked and the .py run in CI
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5", "jupytext>=1.16", "pyyaml>=6",
                  f'jax[tpu]>={JAX_VERSION}; sys_platform == "linux"'],
         # libtpu must match jax exactly: the tpu extra pins jax itself.
         "tpu": [f"jax[tpu]=={JAX_VERSION}"],

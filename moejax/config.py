@@ -127,6 +127,21 @@ def _checked(d: dict, cls, where: str) -> dict:
     return d
 
 
+def load(spec: str) -> ml_collections.ConfigDict:
+    """The experiment config of 'path/to/config.py[:arg]' (the file's get_config(arg))."""
+    import importlib.util
+    import os
+
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist; allowed: a configs/*.py path, optionally "
+                                f"followed by :arg (e.g. configs/deepseekmoe_table1.py:method=gshard,scale=tiny)")
+    module_spec = importlib.util.spec_from_file_location("experiment_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """big_vision-style config argument 'a=1,b=x' -> ConfigDict over `defaults` (types follow defaults)."""
     out = ml_collections.ConfigDict(defaults)

@@ -15,7 +15,6 @@ status 1; SIGTERM / Ctrl-C checkpoint first and exit with 128 + the signal numbe
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import os
 import sys
 
@@ -30,21 +29,15 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this proc
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _load(spec: str):
-    path, _, arg = spec.partition(":")
-    module_spec = importlib.util.spec_from_file_location("experiment_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-
-
 def check_overrides(argv: list[str]) -> None:
     """SystemExit naming the nearest valid key for a --config.a.b override the config does not have."""
     spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
     overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
     if not spec or not overrides or not os.path.exists(spec.partition(":")[0]):
         return  # absl reports a missing or unreadable --config itself
-    config = _load(spec)
+    from moejax import config as config_lib
+
+    config = config_lib.load(spec)
     for key in overrides:
         node, path = config, []
         for part in key.split("."):

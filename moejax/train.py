@@ -300,6 +300,17 @@ class Checkpoint:
     def model(self) -> model_lib.Transformer:
         return nnx.merge(self.trainer.graphdef, self.state["params"], self.state["rest"])
 
+    def with_moe(self, **changes) -> "Checkpoint":
+        """The same parameters in a model whose MoE layers have `changes` (MoEConfig fields); parameters the
+        changed model lacks (e.g. the shared experts for n_shared=0) are dropped."""
+        config_lib.check_keys(changes, [f.name for f in dataclasses.fields(moe_lib.MoEConfig)], "moe_changes")
+        mc = self.trainer.model_config
+        trainer = Trainer(dataclasses.replace(mc, moe=dataclasses.replace(mc.moe, **changes)), self.run.train,
+                          self.run.seed)
+        like = trainer.abstract_state()
+        return Checkpoint(self.run, trainer, {k: _subset(self.state[k], like[k]) for k in ("params", "rest")},
+                          self.tokenizer, self.step)
+
     def evaluate(self) -> dict:
         """Trainer.evaluate on the run's validation batches."""
         from moejax import data as data_lib
@@ -324,30 +335,24 @@ def load_checkpoint(workdir: str, *, step: int | None = None, moe_changes: dict 
     with open(path) as f:
         run = config_lib.to_typed(json.load(f))
     tokenizer = data_lib.get_tokenizer(run.data)
-    trained = run.model_config(tokenizer.vocab_size)
-    model_config = trained
-    if moe_changes:
-        config_lib.check_keys(moe_changes, [f.name for f in dataclasses.fields(moe_lib.MoEConfig)], "moe_changes")
-        model_config = dataclasses.replace(trained, moe=dataclasses.replace(trained.moe, **moe_changes))
+    trainer = Trainer(run.model_config(tokenizer.vocab_size), run.train, run.seed)
     mngr = _checkpoint_manager(workdir, run.train)
     try:
         step = step if step is not None else mngr.latest_step()
         if step is None or step not in mngr.all_steps():
             raise FileNotFoundError(f"step={step!r} is not in {mngr.directory}; allowed: one of the saved steps "
                                     f"{list(mngr.all_steps())}")
-        state = _read(mngr, step, state=ocp.args.StandardRestore(Trainer(trained, run.train, run.seed).abstract_state()))
+        state = _read(mngr, step, state=ocp.args.StandardRestore(trainer.abstract_state()))["state"]
     finally:
         mngr.close()
-    trainer = Trainer(model_config, run.train, run.seed)
-    like = trainer.abstract_state()
-    picked = {k: _subset(state["state"][k], like[k]) for k in ("params", "rest")}
-    return Checkpoint(run, trainer, picked, tokenizer, step)
+    ck = Checkpoint(run, trainer, {k: state[k] for k in ("params", "rest")}, tokenizer, step)
+    return ck.with_moe(**moe_changes) if moe_changes else ck
 
 
 def _subset(full: nnx.State, like: nnx.State) -> nnx.State:
     """The entries of `full` at the paths of `like` (every one must be there)."""
-    flat = dict(full.flat_state())
-    return nnx.State.from_flat_path({p: flat[p] for p, _ in like.flat_state()})
+    flat = dict(nnx.to_flat_state(full))
+    return nnx.from_flat_state([(p, flat[p]) for p, _ in nnx.to_flat_state(like)])
 
 
 def _save(mngr, step, state, train_iter, config_dict):

@@ -102,10 +102,13 @@ def _best(values, n, allowed=None):
 
 
 def _topk_picks(s, bias, cfg):
-    """Token-choice picks of one token: top-K of s + bias, within its best groups if n_groups > 1."""
+    """Token-choice picks of one token: top-K of s + bias, within its best groups if n_groups > 1, never one of
+    its disable_top best experts."""
     sel = [float(v) for v in s] if bias is None else [float(v) + float(b) for v, b in zip(s, bias)]
     E, G = cfg.n_experts, cfg.n_groups
     allowed = None
+    if cfg.disable_top:
+        return _best(sel, cfg.top_k, set(range(E)) - set(_best(sel, cfg.disable_top)))
     if G > 1:
         size = E // G
         groups = [sel[g * size:(g + 1) * size] for g in range(G)]
@@ -136,7 +139,7 @@ def decide(p, x, cfg, *, token_ids=None, mask=None, noise=None) -> Decision:
         ids = np.asarray(routing.hash_expert(jnp.asarray(token_ids).reshape(-1), E, K, cfg.hash_salt))
         picks = [[int(e) for e in ids[t]] for t in range(T)]
     elif cfg.router == "gshard":
-        picks = [_best(s[t], 2) for t in range(T)]
+        picks = [_topk_picks(s[t], None, cfg) for t in range(T)]
     else:
         picks = [_topk_picks(s[t], p.get("bias") if cfg.aux_free_bias else None, cfg) for t in range(T)]
     mask = [[True] * K for _ in range(T)] if mask is None else [[bool(m) for m in row] for row in np.asarray(mask)]

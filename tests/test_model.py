@@ -34,6 +34,20 @@ def test_shapes_dtypes_and_moe_layer_layout():
     assert m.blocks[0].ffn.config.n_experts == 0 and m.blocks[1].ffn.config.n_experts == 7
 
 
+def test_routes_are_the_routing_the_forward_pass_uses():
+    """Transformer.routes (the routing explorer's view) picks the experts whose counts the forward pass
+    reports, layer by layer; dense layers are skipped."""
+    m = make(n_layers=4, first_k_dense=1, moe_every=2)
+    t = tokens()
+    _, stats = m(t)
+    routes = m.routes(t)
+    assert len(routes) == len(stats) == 2
+    for r, s in zip(routes, stats):
+        assert r.expert_ids.shape == (t.size, 3)
+        counts = np.bincount(np.asarray(r.expert_ids).ravel(), minlength=7)
+        np.testing.assert_array_equal(counts, s.load)
+
+
 def test_causal_future_tokens_do_not_change_past_logits():
     m = make()  # dropless dispatch: tokens do not compete for capacity
     t = tokens()

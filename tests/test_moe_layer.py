@@ -267,6 +267,8 @@ def test_auto_block_is_largest_power_of_two_up_to_mean_load(n, E, want):
 
 @pytest.mark.parametrize("name,kw", [
     ("deepseek_v3", dict(n_experts=8, top_k=2, n_shared=1, n_groups=4, topk_groups=2)),
+    ("deepseekmoe", dict(n_experts=4, top_k=1, m=2, n_shared=1, disable_top=2)),  # 7 routed, top-1, top 2 off
+    ("gshard", dict(n_experts=8, dispatch="dropless", disable_top=3)),
 ])
 def test_paper_presets_match_reference(name, kw):
     cfg = moe.preset(name, D, DFF, **kw)

@@ -20,8 +20,8 @@ routing = SimpleNamespace(
     jitter=jax.jit(routing_lib.jitter, static_argnames="eps"),
     group_limit_mask=jax.jit(routing_lib.group_limit_mask, static_argnames=("n_groups", "topk_groups", "group_score")),
     topk=jax.jit(routing_lib.topk, static_argnames=("k", "score_fn", "normalize", "scale", "n_groups", "topk_groups",
-                                                    "group_score")),
-    gshard_top2=jax.jit(routing_lib.gshard_top2),
+                                                    "group_score", "disable_top")),
+    gshard_top2=jax.jit(routing_lib.gshard_top2, static_argnames="disable_top"),
     expert_choice=jax.jit(routing_lib.expert_choice, static_argnames="capacity"),
     hash_expert=jax.jit(routing_lib.hash_expert, static_argnames=("n_experts", "k", "salt")),
     hash_routing=jax.jit(routing_lib.hash_routing, static_argnames=("n_experts", "k", "salt")),
@@ -322,6 +322,31 @@ def test_bias_changes_selection_not_gates(score_fn, normalize):
                 hit = np.nonzero(ids[t] == pids[t, k])[0]
                 if hit.size:
                     np.testing.assert_allclose(bw[t, hit[0]], pw[t, k], **F32)
+
+
+@pytest.mark.parametrize("r", [1, 3])
+def test_disable_top_picks_next_best(r):
+    """DeepSeekMoE Fig. 4 ablation: each token's r best experts are skipped; the picks are ranks r .. r+K-1
+    and keep their scores as gates; GShard renormalises over its two remaining picks."""
+    T, E, K = 12, 8, 2
+    logits = _logits(T, E, seed=21)
+    s = _np_scores(logits, "softmax")
+    rank = np.argsort(-s, -1)
+    got = routing.topk(logits, K, disable_top=r)
+    np.testing.assert_array_equal(np.sort(got.expert_ids, -1), np.sort(rank[:, r:r + K], -1))
+    np.testing.assert_allclose(got.weights, np.take_along_axis(s, np.asarray(got.expert_ids), -1), **F32)
+    g = routing.gshard_top2(logits, None, disable_top=r)
+    np.testing.assert_array_equal(g.expert_ids, got.expert_ids)
+    np.testing.assert_allclose(np.asarray(g.weights).sum(-1), 1.0, **F32)
+
+
+def test_disable_top_validated():
+    from moejax import moe
+
+    with pytest.raises(ValueError, match="disable_top=15.*n_experts - top_k = 14"):
+        moe.gshard(8, 16, n_experts=16, disable_top=15)
+    with pytest.raises(ValueError, match="disable_top=1.*'topk' or 'gshard'"):
+        moe.hash_layer(8, 16, disable_top=1)
 
 
 def test_no_gradient_into_bias():

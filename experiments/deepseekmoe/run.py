@@ -63,8 +63,9 @@ def parse_set(items: list[str]) -> dict:
 
 def run_config(variant: str, scale: str, seed: int, overrides: dict):
     """The experiment ConfigDict of one run."""
-    module = suites.load_config_module()
-    c = module.get_config(f"variant={variant},scale={scale}")
+    from moejax import config as config_lib
+
+    c = config_lib.load(f"{suites.CONFIG}:variant={variant},scale={scale}")
     c.seed = seed
     c.data.shuffle_seed = seed
     for key, value in overrides.items():
@@ -192,8 +193,9 @@ def train_run(row: suites.Row, scale: str, seed: int, overrides: dict, workdir: 
             result[key] = summary[key].tolist()
     if row.evals:
         result["evals"] = {}
+        trained = train.load_checkpoint(run_dir)
         for name, changes in suites.evals(config_dict["model"]["moe"]).items():
-            ev = train.load_checkpoint(run_dir, moe_changes=changes).evaluate()
+            ev = trained.with_moe(**changes).evaluate()
             result["evals"][name] = {"changes": changes, "val_loss": ev["val_loss"], "val_bpb": ev["val_bpb"]}
             print(f"    eval {name}: val_loss {ev['val_loss']:.4f}", flush=True)
         result["wall_s"] = time.time() - start

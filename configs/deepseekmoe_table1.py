@@ -35,8 +35,9 @@ tokens; wall time of the whole command, corpus already built):
   switch        2.189                  3.158      44 s
   gshard        2.007                  2.896      63 s
   deepseekmoe   1.977                  2.853      73 s
-Tiny is a smoke scale: one seed, 614K tokens, so the ordering is not the paper's (Switch starts slow
-with its unnormalised top-1 gate). Paper Table 1 Pile loss: dense 2.060, hash 1.932, switch 1.881,
+Tiny is a smoke scale (614K tokens): over seeds 0-2 (experiments/deepseekmoe/RESULTS.md) the means are dense
+2.033, hash 1.911, switch 2.174, gshard 1.976, deepseekmoe 2.009, with a spread of ~0.03 per method, so
+DeepSeekMoE and GShard are not separable here; Hash leads on byte tokens and Switch trails. Paper Table 1 Pile loss: dense 2.060, hash 1.932, switch 1.881,
 gshard 1.867, deepseekmoe 1.808. small: ~3-7 s per step on 2 CPU cores (hours), minutes on a GPU;
 paper: 25K steps of 4M tokens, about 2.9 / 4.3 TFLOPs per 2K tokens (1x / 2x active).
 """

@@ -167,3 +167,8 @@ def test_citation_cff_and_readme_bibtex_agree():
     bib = readme[readme.index("@software{moejax"):]
     assert f"version = {{{cff['version']}}}" in bib and f"url     = {{{cff['repository-code']}}}" in bib
     assert "experiments/deepseekmoe/RESULTS.md" in readme
+
+
+def test_cli_exits_with_one_line_naming_the_valid_suites(tmp_path):
+    with pytest.raises(SystemExit, match=r"experiments.deepseekmoe.run: error: --suite='foo' is invalid; allowed: "):
+        run.main(["--suite=foo", f"--workdir={tmp_path}"])

@@ -4,9 +4,10 @@
 
 Writes to DIR (default WORKDIR/report):
   tables.md, tables.tex   one row per variant: validation loss (nats/token) mean +- standard deviation over
-                          seeds, the paper's number where it publishes one, parameters (total, active) and
-                          training FLOPs per token; balancing adds MaxVio, olmoe tokens/s; specialisation adds
-                          the evaluation-time ablations. LaTeX uses booktabs. tables.md ends with the paper's
+                          seeds, the paper's number where it publishes one, parameters (total, active),
+                          training FLOPs per token and wall time per run; balancing adds MaxVio (validation:
+                          global and per batch; training batches), olmoe tokens/s; specialisation adds the
+                          evaluation-time ablations. LaTeX uses booktabs. tables.md ends with the paper's
                           ordering checked per seed, where the suite has one.
   loss_curves.{png,pdf}   training and validation loss against steps, mean over seeds (band: min..max)
   expert_load.{png,pdf}   validation expert load per layer (share of assignments; mean over seeds)
@@ -67,6 +68,8 @@ def summarise(suite: suites.Suite, results: list[dict]) -> list[dict]:
         if "val_max_vio" in rs[0]:
             out["max_vio_global"] = _stats(np.mean(r["val_max_vio"]) for r in rs)
             out["max_vio_batch"] = _stats(np.mean(r["val_max_vio_batch"]) for r in rs)
+        if "max_vio" in rs[0]["curves"]:  # each logged training batch, mean over layers and steps
+            out["max_vio_train"] = _stats(np.mean(r["curves"]["max_vio"]) for r in rs)
         if "evals" in rs[0]:
             E = rs[0]["config"]["model"]["moe"]["n_experts"]
             names = {_eval_key(n, E): n for n in rs[0]["evals"]}
@@ -101,8 +104,10 @@ def columns(suite: suites.Suite, rows: list[dict]) -> list[tuple[str, callable]]
              ("GFLOPs/token", lambda r: f"{r['flops_per_token'] / 1e9:.4f}"),
              ("wall s/run", lambda r: f"{r['wall_s'] / len(r['seeds']):.0f}")]
     if suite.name == "balancing":
-        cols += [("MaxVio global", lambda r: _pm(r.get("max_vio_global", (np.nan, np.nan)), 2)),
-                 ("MaxVio batch", lambda r: _pm(r.get("max_vio_batch", (np.nan, np.nan)), 2))]
+        nan = (np.nan, np.nan)
+        cols += [("MaxVio val global", lambda r: _pm(r.get("max_vio_global", nan), 2)),
+                 ("MaxVio val batch", lambda r: _pm(r.get("max_vio_batch", nan), 2)),
+                 ("MaxVio train batch", lambda r: _pm(r.get("max_vio_train", nan), 2))]
     if suite.name == "olmoe":
         cols.append(("tokens/s", lambda r: _pm(r["tokens_per_s"], 0)))
     return cols
@@ -144,6 +149,9 @@ def tables(suite: suites.Suite, meta: dict, rows: list[dict]) -> tuple[str, str]
     headers, cells = [h for h, _ in cols], [[f(r) for _, f in cols] for r in rows]
     caption = (f"{suite.title}. Scale {meta['scale']}; validation loss in nats/token, mean ± standard deviation "
                f"over seeds. {suite.paper_note}").strip()
+    if suite.name == "balancing":
+        caption += (" MaxVio (Wang et al. 2024, eq. 7; mean over layers): of the load over all validation batches "
+                    "(global), of each validation batch, and of each logged training batch (averaged).")
     md = [f"### {suite.title}", "", markdown(headers, cells), "", caption]
     tex = [latex(headers, cells, caption, f"tab:{suite.name}")]
     names = eval_columns(rows)
@@ -184,7 +192,8 @@ def _eval_name(label: str, names: list[str]) -> str:
 def ordering(suite: suites.Suite, rows: list[dict]) -> str:
     """Each adjacent pair of the paper's ordering: in how many seeds it held, and the mean difference."""
     by = {r["variant"]: r for r in rows}
-    pairs = [(a, b) for a, b in zip(suite.ordering, suite.ordering[1:]) if a in by and b in by]
+    present = [v for v in suite.ordering if v in by]
+    pairs = list(zip(present, present[1:]))
     lines = []
     for a, b in pairs:
         seeds = sorted(set(by[a]["per_seed"]) & set(by[b]["per_seed"]))

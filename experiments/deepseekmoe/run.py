@@ -27,20 +27,9 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import logging
 
 from experiments.deepseekmoe import suites
-
-_SUITE = flags.DEFINE_string("suite", None, f"One of {tuple(suites.SUITES)}.")
-_SCALE = flags.DEFINE_string("scale", "tiny", f"One of {suites.SCALES}.")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds 0 .. seeds - 1 of every variant.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Results directory of this suite (created; resumed if present).")
-_ONLY = flags.DEFINE_list("only", [], "Train only these variants of the suite (default: all).")
-_SET = flags.DEFINE_list("set", [], "Config overrides for every run, key=value (e.g. train.steps=50); recorded "
-                                    "in suite.json.")
-_REPORT = flags.DEFINE_bool("report", True, "Write report/ (tables and figures) when the runs are done.")
-flags.mark_flags_as_required(["suite", "workdir"])
-
 
 class SuiteMismatchError(ValueError):
     """The results directory belongs to another suite, scale or set of overrides, or a results file to another
@@ -240,13 +229,25 @@ def run_suite(suite_name: str, scale: str, seeds: int, workdir: str, only=(), ov
     return None
 
 
-def main(argv):
-    del argv
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--suite", required=True, help=f"one of {tuple(suites.SUITES)}")
+    p.add_argument("--scale", default="tiny", help=f"one of {suites.SCALES}")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. seeds - 1 of every variant")
+    p.add_argument("--workdir", required=True, help="results directory of this suite (created; resumed if present)")
+    p.add_argument("--only", default="", help="comma-separated variants of the suite to train (default: all)")
+    p.add_argument("--set", default="", help="comma-separated config overrides for every run, key=value (e.g. "
+                                             "train.steps=50); recorded in suite.json")
+    p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="write report/ (tables and figures) when the runs are done")
+    args = p.parse_args(argv)
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    split = lambda text: [x for x in text.split(",") if x]
     try:
-        stopped = run_suite(_SUITE.value, _SCALE.value, _SEEDS.value, _WORKDIR.value, _ONLY.value,
-                            parse_set(_SET.value), _REPORT.value)
+        stopped = run_suite(args.suite, args.scale, args.seeds, args.workdir, split(args.only),
+                            parse_set(split(args.set)), args.report)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"experiments.deepseekmoe.run: error: {e}")
     if stopped:
@@ -256,4 +257,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

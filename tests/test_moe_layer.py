@@ -122,8 +122,8 @@ def capture_route_inputs(model, x, token_ids, key, monkeypatch):
     seen = {}
     gshard_top2, jitter = routing.gshard_top2, routing.jitter
 
-    def spy_gshard(logits, k):
-        r = gshard_top2(logits, k)
+    def spy_gshard(logits, k, disable_top=0):
+        r = gshard_top2(logits, k, disable_top)
         seen["mask"] = r.mask
         return r
 

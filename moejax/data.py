@@ -28,7 +28,9 @@ windows of SHUFFLE_WINDOW rows; it repeats forever. Same config, seed and proces
 batches on any machine. `it.get_state()` is a small JSON-serialisable dict; `it.set_state(state)` resumes
 exactly. Evaluation takes the first eval_steps * batch_size rows of the unshuffled eval split (fewer if
 the split is smaller; the last batch padded with weights 0), the same for any process_count; each host
-gets its slice of every batch.
+gets its slice of every batch. The final evaluation of a run (the reported validation loss) takes the first
+final_eval_steps batches instead (0: eval_steps), so the periodic ones can stay cheap while the reported
+number rests on a large sample.
 """
 from __future__ import annotations
 
@@ -67,7 +69,9 @@ class DataConfig:
     source: one of SOURCES (see the module docstring); text_dir for 'text_dir'; tfds_name (e.g. 'lm1b',
     'c4/en:3.1.0') and text_key for 'tfds'; tfds_data_dir: where tfds datasets live and where 'stdlib' /
     'text_dir' builds are cached ('' = tfds default). tokenizer: 'byte' or a SentencePiece .model path.
-    batch_size: global sequences per step, split evenly over processes. eval_steps: validation batches.
+    batch_size: global sequences per step, split evenly over processes. eval_steps: validation batches of
+    each periodic evaluation; final_eval_steps: of the final one (0 = eval_steps; a large number = the
+    whole split).
     val_fraction: share of files in validation for 'stdlib' / 'text_dir'. worker_count: grain worker
     processes (0 = in the training process).
     """
@@ -84,6 +88,7 @@ class DataConfig:
     batch_size: int = 8
     shuffle_seed: int = 0
     eval_steps: int = 8
+    final_eval_steps: int = 0
     val_fraction: float = 0.02
     worker_count: int = 0
 
@@ -111,17 +116,25 @@ class DataConfig:
         _require(self.seq_len >= 2, "seq_len", self.seq_len, "an integer >= 2")
         _require(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         _require(self.eval_steps >= 1, "eval_steps", self.eval_steps, "an integer >= 1")
+        _require(self.final_eval_steps >= 0, "final_eval_steps", self.final_eval_steps,
+                 "an integer >= 0 (0 = eval_steps)")
         _require(0 <= self.shuffle_seed < 2**32, "shuffle_seed", self.shuffle_seed, "an integer in [0, 2**32)")
         _require(self.worker_count >= 0, "worker_count", self.worker_count, "an integer >= 0 (0 = in-process)")
 
 
+# SentencePiece models shipped with moejax, by name (data.tokenizer=NAME): the same file on every machine.
+PACKAGED_TOKENIZERS = {"pypi_spm8k": os.path.join(os.path.dirname(datasets.__file__), "pypi_spm8k.model")}
+
+
 def get_tokenizer(cfg: DataConfig) -> Tokenizer:
-    """ByteTokenizer for 'byte', else the SentencePiece model at cfg.tokenizer."""
+    """ByteTokenizer for 'byte', a packaged model for a name in PACKAGED_TOKENIZERS, else the SentencePiece
+    model at the path cfg.tokenizer."""
     if cfg.tokenizer == "byte":
         return ByteTokenizer()
-    path = os.path.expanduser(cfg.tokenizer)
+    path = PACKAGED_TOKENIZERS.get(cfg.tokenizer) or os.path.expanduser(cfg.tokenizer)
     if not os.path.isfile(path):
-        _fail("tokenizer", cfg.tokenizer, "'byte' or an existing SentencePiece .model file (not found; "
+        _fail("tokenizer", cfg.tokenizer, f"'byte', one of {tuple(PACKAGED_TOKENIZERS)} or an existing "
+              "SentencePiece .model file (not found; "
               "train one with `python -m moejax.tokenizer --output=FILE.model`)", FileNotFoundError)
     try:
         return SentencePieceTokenizer(path)
@@ -322,10 +335,12 @@ def train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int 
     return iter(batches)
 
 
-def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int | None = None,
+def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, *, final: bool = False, process_index: int | None = None,
                  process_count: int | None = None) -> list[dict[str, np.ndarray]]:
-    """This host's slice of the first eval_steps global batches of the unshuffled eval split."""
+    """This host's slice of the first eval_steps (final: final_eval_steps) global batches of the unshuffled
+    eval split."""
     index, count = _process(cfg, process_index, process_count)
+    steps = (cfg.final_eval_steps or cfg.eval_steps) if final else cfg.eval_steps
     rows = packed_rows(cfg, tokenizer, split_field="eval_split", shuffle=False, num_epochs=1)
     rows = list(itertools.islice(rows, cfg.eval_steps * cfg.batch_size))
     n_batches = -(-len(rows) // cfg.batch_size)

@@ -205,7 +205,8 @@ class Trainer:
         return sum(bool(self.model_config.ffn_config(l).n_experts) for l in self.moe_layers)
 
     def evaluate(self, state, batches, token_bytes: np.ndarray) -> dict:
-        """Validation loss in nats per token and bits per UTF-8 byte over `batches` (this process's rows).
+        """Validation loss in nats per token and bits per UTF-8 byte over `batches` (this process's rows), and
+        `val_tokens`, the number of targets it averages over.
         With routed experts also, per MoE layer: `val_load` [L, E] (each expert's share of the assignments
         over all batches), `val_max_vio` [L] (MaxVio of that load, Wang et al. 2024 eq. 7: MaxVio_global)
         and `val_max_vio_batch` [L] (MaxVio of each batch's load, averaged over batches)."""
@@ -217,7 +218,7 @@ class Trainer:
                                                             self.mesh))
             nll, n, n_bytes = nll + float(s[0]), n + float(s[1]), n_bytes + float(s[2])
             loads.append(np.asarray(s[3]))
-        out = {"val_loss": nll / max(n, 1), "val_bpb": nll / math.log(2) / max(n_bytes, 1)}
+        out = {"val_loss": nll / max(n, 1), "val_bpb": nll / math.log(2) / max(n_bytes, 1), "val_tokens": int(n)}
         if loads and loads[0].size:
             total = np.sum(loads, 0)  # [L, E]
             vio = lambda c: np.asarray(jax.vmap(balance.max_violation)(c))  # [L]
@@ -312,10 +313,10 @@ class Checkpoint:
                           self.tokenizer, self.step)
 
     def evaluate(self) -> dict:
-        """Trainer.evaluate on the run's validation batches."""
+        """Trainer.evaluate on the run's final validation batches (data.final_eval_steps)."""
         from moejax import data as data_lib
 
-        return self.trainer.evaluate(self.state, data_lib.eval_batches(self.run.data, self.tokenizer),
+        return self.trainer.evaluate(self.state, data_lib.eval_batches(self.run.data, self.tokenizer, final=True),
                                      np.asarray(self.tokenizer.token_bytes, np.float32))
 
 
@@ -389,6 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     trainer = Trainer(run.model_config(tokenizer.vocab_size), t, run.seed, mesh)
     train_iter = data_lib.train_iterator(run.data, tokenizer)  # this process's rows
     eval_set = data_lib.eval_batches(run.data, tokenizer)
+    final_set = data_lib.eval_batches(run.data, tokenizer, final=True) if run.data.final_eval_steps else eval_set
     chief = jax.process_index() == 0  # writes metrics, config.json and the progress bar
     token_bytes = np.asarray(tokenizer.token_bytes, np.float32)
 
@@ -437,7 +439,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
                     writer.write(step, scalars, arrays)
                     window, window_start, timed = [], time.time(), 0
                 if step % t.eval_every == 0 or step == t.steps:
-                    ev = trainer.evaluate(state, eval_set, token_bytes)
+                    ev = trainer.evaluate(state, final_set if step == t.steps else eval_set, token_bytes)
                     writer.write(step, {k: v for k, v in ev.items() if np.ndim(v) == 0},
                                  {k: v for k, v in ev.items() if np.ndim(v) > 0})
                     summary.update(ev)
@@ -449,7 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
                 bar.update(1)
             summary["interrupted"] = signals.received and signals.received.name
             if not summary["interrupted"] and "val_loss" not in summary:  # resumed a finished run
-                summary.update(trainer.evaluate(state, eval_set, token_bytes))
+                summary.update(trainer.evaluate(state, final_set, token_bytes))
     finally:
         mngr.wait_until_finished()
         mngr.close()

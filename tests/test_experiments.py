@@ -11,21 +11,61 @@ from moejax import config as config_lib
 
 # Every run of these tests: 2 steps of the tiny config, one validation batch.
 FAST = {"train.steps": 2, "train.warmup_steps": 1, "train.eval_every": 2, "train.checkpoint_every": 2,
-        "train.log_every": 1, "data.eval_steps": 1}
+        "train.log_every": 1, "data.eval_steps": 1, "data.final_eval_steps": 1}
 
 
 def test_every_variant_of_every_suite_builds_at_every_scale():
     for suite in suites.SUITES.values():
         for row in suite.rows:
             for scale in suites.SCALES:
-                config_lib.to_typed(run.run_config(row.variant, scale, 0, {}))
+                for budget in suite.budgets or (None,):
+                    config_lib.to_typed(run.run_config(row.variant, scale, 0, {}, budget, suite.set))
+
+
+def test_every_claim_names_rows_of_its_suite_and_a_known_metric():
+    r = {"val_loss": 2.0, "val_max_vio": [1.0, 3.0], "config": {"model": {"moe": {"n_experts": 16}}},
+         "evals": {"disable_top=1": {"val_loss": 2.5}, "no_shared": {"val_loss": 2.25}}}
+    assert report.metric(r, "max_vio_global") == 2.0 and report.metric(r, "rise@disable_top=1/16") == 0.5
+    assert report.metric(r, "val_loss", "no_shared") == 2.25 and report.metric(r, "max_vio_batch") is None
+    for suite in suites.SUITES.values():
+        variants = {row.variant for row in suite.rows}
+        for c in suite.all_claims():
+            assert {c.lower.split("@")[0], c.higher.split("@")[0]} <= variants, (suite.name, c)
+            report.metric(r, c.metric)  # raises for an unknown metric
+
+
+def test_token_sweep_plan_and_overrides():
+    suite = suites.get_suite("tokens")
+    runs = run.plan(suite, seeds=3)
+    assert [(row.variant, seed, b.steps) for row, seed, b in runs[:5]] == [
+        ("dense", 0, 300), ("gshard", 0, 300), ("deepseekmoe", 0, 300), ("deepseekmoe_gs", 0, 300), ("dense", 1, 300)]
+    per_budget = {b.steps: len({seed for _, seed, bb in runs if bb == b}) for b in suite.budgets}
+    assert per_budget == {300: 3, 950: 3, 3000: 2, 10000: 2}
+    assert max(per_budget) * 16 * 128 >= 20e6, "the largest budget trains at least 20M tokens"
+    assert {b.steps: len({s for _, s, bb in run.plan(suite, seeds=1) if bb == b}) for b in suite.budgets} == {
+        300: 1, 950: 1, 3000: 1, 10000: 1}
+    c = run.run_config("gshard", "tiny", 1, {}, suites.Budget(3000, 2), suite.set)
+    assert (c.train.steps, c.train.warmup_steps, c.train.eval_every, c.data.source, c.seed) == (3000, 300, 600, "pypi", 1)
+    assert run.run_name("gshard", 1, suites.Budget(3000, 2)) == "gshard-s3000-seed1"
+
+
+def test_gate_scale_controls_start_with_routed_gate_mass_one():
+    """GATE_SCALE makes the routed gates of Switch and DeepSeekMoE sum to about 1 at initialisation, as
+    GShard's normalised top-2 do (measured on the first validation batch, seed 0)."""
+    masses = {v: np.mean(run.init_gate_mass(run.run_config(v, "tiny", 0, {})))
+              for v in ("switch", "switch_gs", "deepseekmoe", "deepseekmoe_gs", "gshard")}
+    assert masses["gshard"] == pytest.approx(1.0, abs=1e-6)
+    assert masses["switch"] < 0.3 and masses["deepseekmoe"] < 0.5
+    assert masses["switch_gs"] == pytest.approx(1.0, abs=0.1)
+    assert masses["deepseekmoe_gs"] == pytest.approx(1.0, abs=0.1)
+    assert run.init_gate_mass(run.run_config("dense", "tiny", 0, {})) == []
 
 
 def test_variants_keep_the_papers_compute_rules():
     """Expert parameters 16 d_ff and active FFN width 2 d_ff (GShard's top-2), except where the variant is
     about exactly that."""
     scale_d_ff = 352
-    for variant in ("gshard", "deepseekmoe", "seg_0s_2of16", "seg_1s_1of15", "seg_1s_3of31", "shared_2of64",
+    for variant in ("gshard", "deepseekmoe", "seg_1s_1of15", "seg_1s_3of31", "shared_2of64", "deepseekmoe_gs",
                     "shared_4of64", "aux_free", "no_balance", "olmoe", "olmoe_shared", "expert_choice"):
         m = config_lib.to_typed(run.run_config(variant, "tiny", 0, {})).model["moe"]
         f = m.expert_width
@@ -122,25 +162,74 @@ def test_specialisation_suite_trains_skips_resumes_and_reports(tmp_path):
 
 def _fake(variant, seed, loss):
     return {"variant": variant, "seed": seed, "val_loss": loss, "params_total": 1e6, "params_active": 2e5,
-            "flops_per_token": 3e6, "wall_s": 10.0, "curves": {"tokens_per_s": 100.0}}
+            "flops_per_token": 3e6, "wall_s": 10.0, "curves": {"tokens_per_s": 100.0},
+            "config": {"data": {"eval_steps": 1, "batch_size": 8, "seq_len": 128}}}
 
 
-def test_report_tables_mean_std_paper_and_ordering():
+def test_paired_interval_and_verdicts_by_hand():
+    p = report.paired({0: 1.0, 1: 1.0, 2: 1.0}, {0: 1.2, 1: 1.3, 2: 1.25})
+    half = 4.302652729911275 * 0.05 / np.sqrt(3)  # t_{0.975, 2} s / sqrt(n) = 0.124
+    assert p.held == 3 and p.mean == pytest.approx(0.25)
+    np.testing.assert_allclose(p.interval, (0.25 - half, 0.25 + half))
+    assert p.verdict == "holds"
+    wide = report.paired({0: 1.0, 1: 1.0, 2: 1.0}, {0: 1.1, 1: 1.3, 2: 1.2})  # held 3 of 3, half-width 0.248
+    assert (wide.held, wide.verdict) == (3, "inconclusive")
+    assert report.paired({0: 1.0, 1: 1.0, 2: 1.0}, {0: 0.9, 1: 0.92, 2: 0.91}).verdict == "reversed"
+    mixed = report.paired({0: 1.0, 1: 1.0, 2: 1.0}, {0: 1.3, 1: 0.8, 2: 1.1})
+    assert (mixed.held, mixed.verdict) == (2, "inconclusive")
+    one = report.paired({0: 1.0, 5: 2.0}, {0: 1.5})
+    assert (one.n, one.seeds, one.verdict) == (1, (0,), "inconclusive") and np.isnan(one.interval[0])
+    assert report.paired({0: 1.0}, {1: 1.0}) is None
+
+
+def test_report_tables_mean_std_paper_and_claims():
     suite = suites.get_suite("table1")
     losses = {"dense": (2.0, 2.2), "hash": (1.9, 1.9), "switch": (1.95, 1.85), "gshard": (1.8, 1.8),
               "deepseekmoe": (1.7, 1.9)}
     results = [_fake(v, s, l[s]) for v, l in losses.items() for s in (0, 1)]
     rows = report.summarise(suite, results)
     assert [r["variant"] for r in rows] == ["dense", "hash", "switch", "gshard", "deepseekmoe"]
-    md, tex = report.tables(suite, {"scale": "tiny"}, rows)
+    md, tex = report.tables(suite, {"scale": "tiny"}, rows, results)
     assert f"| Dense | 2 | 2.100 ± {np.std([2.0, 2.2], ddof=1):.3f} | 2.060 | 1.00M | 0.20M | 0.0030 | 10 |" in md
     assert "| GShard | 2 | 1.800 ± 0.000 | 1.867 |" in md
-    assert "- DeepSeekMoE < GShard: mixed in 1/2 seeds (loss difference +0.000 ± 0.141)" in md
-    assert "- GShard < Switch: holds in 2/2 seeds" in md
-    assert "- Switch < Hash Layer: mixed in 1/2 seeds" in md
-    assert "- Hash Layer < Dense: holds in 2/2 seeds" in md
+    assert "on 1,024 held-out tokens" in md
+    # GShard - DeepSeekMoE = +0.1, -0.1: held in 1 of 2, mean 0, t_{0.975,1} = 12.706 x 0.1414 / 1.414 = 1.271
+    assert ("| DeepSeekMoE < GShard | paper | 1 of 2 seeds | +0.000 | [−1.271, +1.271] | +0.100, −0.100 | "
+            "**inconclusive** |") in md
+    assert "| GShard < Switch | paper | 2 of 2 seeds | +0.100 |" in md
+    assert "| Hash Layer < Dense | paper | 2 of 2 seeds | +0.200 | [−1.071, +1.471] |" in md
+    assert "| Switch < Dense | paper |" in md and "| DeepSeekMoE < Dense | paper |" in md
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
     assert r"2.100 $\pm$ 0.141" in tex
+
+
+def test_results_md_is_generated_from_the_committed_results():
+    """Every generated block of RESULTS.md equals what report.py makes from the committed results files, no
+    template leftovers remain, and every committed results directory has its block."""
+    with open(report.RESULTS_MD) as f:
+        text = f.read()
+    assert report.regenerate(text) == text, "stale: python -m experiments.deepseekmoe.report --results-md"
+    assert report.leftovers(text) == []
+    blocks = {m.group(1) for m in report.BLOCK.finditer(text)}
+    committed = {d for d in os.listdir(report.RESULTS_DIR) if os.path.isfile(os.path.join(report.RESULTS_DIR, d,
+                                                                                            "suite.json"))}
+    assert committed <= blocks and "summary" in blocks
+    assert report.leftovers("ok\nANALYSIS_| a |\n") == ["ANALYSIS_| a |"]
+
+
+def test_reused_run_is_copied_not_retrained(tmp_path, monkeypatch):
+    from moejax import train
+
+    first = str(tmp_path / "a")
+    run.run_suite("table1", "tiny", 1, first, only=["dense"], overrides=FAST, report=False)
+    monkeypatch.setattr(train, "train_and_evaluate", lambda *a, **k: pytest.fail("retrained"))
+    second = str(tmp_path / "b")  # another suite that trains the same dense run
+    run.run_suite("table1", "tiny", 1, second, only=["dense"], overrides=FAST, report=False)
+    with open(run.result_path(first, "dense", 0)) as f:
+        a = json.load(f)
+    with open(run.result_path(second, "dense", 0)) as f:
+        b = json.load(f)
+    assert b["reused_from"] == "a/results/dense-seed0.json" and b["val_loss"] == a["val_loss"]
 
 
 def test_load_checkpoint_names_what_is_missing(tmp_path):

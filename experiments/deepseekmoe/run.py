@@ -2,21 +2,27 @@
 
   python -m experiments.deepseekmoe.run --suite=table1 --scale=tiny --seeds=3 --workdir=/tmp/table1
 
-Suites: table1, larger, segmentation, shared_ratio, specialisation, balancing, olmoe. Scales: tiny (2-core
-CPU, about a minute per run), small, paper (see configs/deepseekmoe_table1.py). Seed s sets config.seed
-(initialisation, routing noise) and config.data.shuffle_seed (data order) to s, for s = 0 .. seeds - 1.
+Suites: table1, larger, segmentation, shared_ratio, specialisation, balancing, olmoe, gate_scale, tokens.
+Scales: tiny (2-core CPU, about a minute per run), small, paper (see configs/deepseekmoe_table1.py). Seed s
+sets config.seed (initialisation, routing noise) and config.data.shuffle_seed (data order) to s, for
+s = 0 .. seeds - 1. The token sweep (`tokens`) trains every row at each of its budgets (suites.Budget: steps
+at the scale, seeds), short budgets first, on the PyPI corpus.
 
 The workdir holds
   suite.json                     the suite, scale and --set overrides it was made for; a later command with
                                  others is refused (more seeds or --only subsets are fine)
-  runs/VARIANT/seedS/            each run's training workdir (checkpoints, metrics.jsonl, TensorBoard)
-  results/VARIANT-seedS.json     each finished run: its config, commit, wall time, parameters, FLOPs per token,
-                                 final validation loss, loss and MaxVio curves, validation expert load, and
+  runs/VARIANT/[sSTEPS/]seedS/   each run's training workdir (checkpoints, metrics.jsonl, TensorBoard)
+  results/VARIANT-[sSTEPS-]seedS.json
+                                 each finished run: its config, commit, wall time, parameters, FLOPs per token,
+                                 final validation loss and the number of tokens it averages, the routed gate
+                                 mass at initialisation, loss and MaxVio curves, validation expert load, and
                                  (specialisation) the evaluation-time ablations
   report/                        tables (markdown, LaTeX) and figures (experiments/deepseekmoe/report.py)
-A run with a results file is skipped; a run that was killed resumes from its last checkpoint, and
+A run with a results file is skipped, so a suite resumes on any machine from its committed results files
+(--commit commits each one as it is written); a run that was killed resumes from its last checkpoint, and
 SIGTERM / Ctrl-C checkpoint the current run and stop (exit status 128 + signal). A results file of a
-different config is refused rather than mixed in.
+different config is refused rather than mixed in. A run whose identical config has a results file in a
+sibling directory (another suite's workdir beside this one) is copied from there, not retrained.
 """
 from __future__ import annotations
 
@@ -50,14 +56,26 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def run_config(variant: str, scale: str, seed: int, overrides: dict):
-    """The experiment ConfigDict of one run."""
+def budget_overrides(budget: suites.Budget | None, config) -> dict:
+    """train.* overrides that make a run `budget.steps` long: warmup 10% of the steps, as the tiny scale's
+    30 of 300, and evaluations / checkpoints every fifth of the run."""
+    if budget is None:
+        return {}
+    every = max(1, budget.steps // 5)
+    return {"train.steps": budget.steps, "train.warmup_steps": max(1, budget.steps // 10),
+            "train.eval_every": every, "train.checkpoint_every": every}
+
+
+def run_config(variant: str, scale: str, seed: int, overrides: dict, budget: suites.Budget | None = None,
+               suite_set=()):
+    """The experiment ConfigDict of one run: the variant at the scale, the suite's own overrides, the budget's
+    length, then `overrides` (--set)."""
     from moejax import config as config_lib
 
     c = config_lib.load(f"{suites.CONFIG}:variant={variant},scale={scale}")
     c.seed = seed
     c.data.shuffle_seed = seed
-    for key, value in overrides.items():
+    for key, value in {**dict(suite_set), **budget_overrides(budget, c), **overrides}.items():
         node, *path = key.split(".")
         parent = c
         for part in [node] + path[:-1]:
@@ -101,8 +119,31 @@ def commit() -> str:
         return "unknown"
 
 
-def result_path(workdir: str, variant: str, seed: int) -> str:
-    return os.path.join(workdir, "results", f"{variant}-seed{seed}.json")
+def run_name(variant: str, seed: int, budget: suites.Budget | None = None) -> str:
+    """'gshard-seed0', or with a budget 'gshard-s3000-seed0' (the file name of its results)."""
+    return f"{variant}-s{budget.steps}-seed{seed}" if budget else f"{variant}-seed{seed}"
+
+
+def result_path(workdir: str, variant: str, seed: int, budget: suites.Budget | None = None) -> str:
+    return os.path.join(workdir, "results", run_name(variant, seed, budget) + ".json")
+
+
+def reusable(workdir: str, name: str, config_dict: dict, needs_evals: bool) -> dict | None:
+    """The result of the same run (identical config) in a sibling results directory of `workdir`, e.g. the
+    DeepSeekMoE runs that table1, segmentation and balancing share; training is deterministic, so it is
+    the result this run would produce (checked: same losses per seed in every suite)."""
+    from moejax import config as config_lib
+
+    parent = os.path.dirname(os.path.abspath(workdir))
+    for other in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
+        path = os.path.join(parent, other, "results", name + ".json")
+        if os.path.abspath(os.path.join(parent, other)) == os.path.abspath(workdir) or not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            saved = json.load(f)
+        if saved["config"] == config_dict and (saved.get("evals") or not needs_evals) and "val_tokens" in saved:
+            return {**saved, "reused_from": os.path.relpath(path, parent)}
+    return None
 
 
 def check_result(path: str, config_dict: dict) -> bool:
@@ -136,6 +177,29 @@ def model_facts(config) -> dict:
             "params_active_ffn": int(active["ffn"]), "flops_per_token": metrics.flops_per_token(mc, run.data.seq_len)}
 
 
+def init_gate_mass(config) -> list[float]:
+    """Per MoE layer with a token-choice router: the mean over tokens of the routed gates' sum, sum_k g_{t,k},
+    at initialisation (config.seed), on the first validation batch. It is the weight with which the routed
+    experts enter the residual stream at the start of training: 1 for GShard's normalised top-2 and for hash
+    routing, about 0.24 for Switch's top-1 softmax and 0.11 for DeepSeekMoE's 7-of-63 softmax gates (the
+    shared expert's gate is 1). Empty for the dense model and expert choice."""
+    import jax
+    from flax import nnx
+
+    from moejax import config as config_lib, data as data_lib, model as model_lib, routing
+
+    run = config_lib.to_typed(config)
+    tokenizer = data_lib.get_tokenizer(run.data)
+    model = model_lib.Transformer(run.model_config(tokenizer.vocab_size), rngs=nnx.Rngs(params=run.seed))  # as Trainer.init
+    batch = data_lib.eval_batches(run.data, tokenizer)[0]
+    masses = []
+    for r in model.routes(batch["inputs"], batch["positions"], batch["segment_ids"]):
+        if isinstance(r, routing.Routing):
+            w = jax.numpy.where(r.mask, r.weights, 0.0).sum(-1).reshape(batch["weights"].shape)  # [B, S]
+            masses.append(float((w * batch["weights"]).sum() / batch["weights"].sum()))
+    return masses
+
+
 def curves(run_dir: str) -> dict:
     """Training and validation curves of a run from its metrics.jsonl."""
     from moejax import metrics
@@ -153,20 +217,35 @@ def curves(run_dir: str) -> dict:
     return out
 
 
-def train_run(row: suites.Row, scale: str, seed: int, overrides: dict, workdir: str) -> dict | None:
-    """Train (or resume) one run and return its result dict; None if a signal stopped it."""
+def write_result(path: str, result: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)  # a killed write leaves no half file behind
+
+
+def train_run(row: suites.Row, scale: str, seed: int, overrides: dict, workdir: str,
+              budget: suites.Budget | None = None, suite_set=()) -> dict | None:
+    """Train (or resume, or reuse) one run and return its result dict; None if it was done already,
+    {'interrupted': signal name} if a signal stopped it."""
     import jax
 
     from moejax import train
 
-    config = run_config(row.variant, scale, seed, overrides)
+    config = run_config(row.variant, scale, seed, overrides, budget, suite_set)
     config_dict = json.loads(config.to_json())
-    path = result_path(workdir, row.variant, seed)
+    name = run_name(row.variant, seed, budget)
+    path = result_path(workdir, row.variant, seed, budget)
     if check_result(path, config_dict):
-        print(f"  {row.variant} seed {seed}: done ({os.path.relpath(path, workdir)})")
+        print(f"  {name}: done ({os.path.relpath(path, workdir)})")
         return None
-    run_dir = os.path.join(workdir, "runs", row.variant, f"seed{seed}")
-    print(f"  {row.variant} seed {seed}: training in {run_dir}", flush=True)
+    reused = reusable(workdir, name, config_dict, row.evals)
+    if reused:
+        write_result(path, {**reused, "label": row.label})
+        print(f"  {name}: same run as {reused['reused_from']}, copied")
+        return reused
+    run_dir = os.path.join(workdir, "runs", row.variant, *([f"s{budget.steps}"] if budget else []), f"seed{seed}")
+    print(f"  {name}: training in {run_dir}", flush=True)
     os.makedirs(run_dir, exist_ok=True)
     start = time.time()
     summary = train.train_and_evaluate(config, run_dir, progress=False)
@@ -176,29 +255,55 @@ def train_run(row: suites.Row, scale: str, seed: int, overrides: dict, workdir: 
               "commit": commit(), "jax": jax.__version__, "device": jax.devices()[0].device_kind,
               "host": platform.node(), "wall_s": time.time() - start, "train_wall_s": summary["wall_s"],
               "steps": summary["steps"], "tokens": summary["tokens"], "val_loss": summary["val_loss"],
-              "val_bpb": summary["val_bpb"], **model_facts(config), "curves": curves(run_dir)}
+              "val_bpb": summary["val_bpb"], "val_tokens": summary["val_tokens"], **model_facts(config),
+              "init_gate_mass": init_gate_mass(config), "curves": curves(run_dir)}
     for key in ("val_load", "val_max_vio", "val_max_vio_batch"):
         if key in summary:
             result[key] = summary[key].tolist()
     if row.evals:
         result["evals"] = {}
         trained = train.load_checkpoint(run_dir)
-        for name, changes in suites.evals(config_dict["model"]["moe"]).items():
+        for ev_name, changes in suites.evals(config_dict["model"]["moe"]).items():
             ev = trained.with_moe(**changes).evaluate()
-            result["evals"][name] = {"changes": changes, "val_loss": ev["val_loss"], "val_bpb": ev["val_bpb"]}
-            print(f"    eval {name}: val_loss {ev['val_loss']:.4f}", flush=True)
+            result["evals"][ev_name] = {"changes": changes, "val_loss": ev["val_loss"], "val_bpb": ev["val_bpb"],
+                                        "val_tokens": ev["val_tokens"]}
+            print(f"    eval {ev_name}: val_loss {ev['val_loss']:.4f}", flush=True)
         result["wall_s"] = time.time() - start
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)  # a killed write leaves no half file behind
+    if budget:
+        result["budget_steps"] = budget.steps
+    write_result(path, result)
     return result
 
 
+def plan(suite: suites.Suite, seeds: int, only=()) -> list[tuple[suites.Row, int, suites.Budget | None]]:
+    """(row, seed, budget) of every run, in training order: seed by seed, every row of a seed together, so
+    that an early stop still leaves complete paired comparisons; a token sweep goes budget by budget (the
+    short ones first), each with min(budget.seeds, seeds) seeds."""
+    rows = [r for r in suite.rows if not only or r.variant in only]
+    if not suite.budgets:
+        return [(row, seed, None) for seed in range(seeds) for row in rows]
+    return [(row, seed, b) for b in suite.budgets for seed in range(min(b.seeds, seeds)) for row in rows]
+
+
+def git_commit(path: str, message: str, tries: int = 5) -> None:
+    """Commit one file (a finished run's results) to the repository, retrying while git's index is locked
+    by another command; a failure is reported and the run goes on."""
+    for attempt in range(tries):
+        done = subprocess.run(["git", "add", path], cwd=suites.REPO, capture_output=True, text=True)
+        if done.returncode == 0:
+            done = subprocess.run(["git", "commit", "-q", "-m", message, "--", path], cwd=suites.REPO,
+                                  capture_output=True, text=True)
+        if done.returncode == 0:
+            return
+        time.sleep(2 + 3 * attempt)
+    print(f"  warning: could not commit {path}: {done.stderr.strip()}", flush=True)
+
+
 def run_suite(suite_name: str, scale: str, seeds: int, workdir: str, only=(), overrides=None,
-              report: bool = True) -> str | None:
-    """Train every (variant, seed) of the suite not finished yet; returns the name of the signal that
-    stopped it, or None. Writes workdir/report/ when all runs are done and `report`."""
+              report: bool = True, commit_results: bool = False) -> str | None:
+    """Train every run of the suite not finished yet (`plan`); returns the name of the signal that stopped
+    it, or None. Writes workdir/report/ when all runs are done and `report`. commit_results: git-commit each
+    results file as soon as it is written (long sweeps: a later machine resumes from what is committed)."""
     suite = suites.get_suite(suite_name)
     suites.check_scale(scale)
     if seeds < 1:
@@ -208,19 +313,21 @@ def run_suite(suite_name: str, scale: str, seeds: int, workdir: str, only=(), ov
         if v not in names:
             raise ValueError(f"--only={v!r} is invalid for suite {suite_name!r}; allowed: {names}")
     overrides = dict(overrides or {})
-    for variant in names:  # every config builds and validates before anything is trained
-        from moejax import config as config_lib
+    from moejax import config as config_lib
 
-        config_lib.to_typed(run_config(variant, scale, 0, overrides))
+    for variant in names:  # every config builds and validates before anything is trained
+        for budget in suite.budgets or (None,):
+            config_lib.to_typed(run_config(variant, scale, 0, overrides, budget, suite.set))
     claim(workdir, suite_name, scale, overrides)
-    rows = [r for r in suite.rows if not only or r.variant in only]
-    print(f"suite {suite_name} ({suite.title}), scale {scale}, seeds 0..{seeds - 1}: {len(rows) * seeds} runs "
-          f"in {workdir}", flush=True)
-    for seed in range(seeds):
-        for row in rows:
-            out = train_run(row, scale, seed, overrides, workdir)
-            if out and out.get("interrupted"):
-                return out["interrupted"]
+    runs = plan(suite, seeds, only)
+    print(f"suite {suite_name} ({suite.title}), scale {scale}: {len(runs)} runs in {workdir}", flush=True)
+    for row, seed, budget in runs:
+        out = train_run(row, scale, seed, overrides, workdir, budget, suite.set)
+        if out and out.get("interrupted"):
+            return out["interrupted"]
+        if out and commit_results:
+            git_commit(result_path(workdir, row.variant, seed, budget),
+                       f"{suite_name} ({scale}): results of {run_name(row.variant, seed, budget)}")
     if report:
         from experiments.deepseekmoe import report as report_lib
 
@@ -242,12 +349,13 @@ def main(argv=None):
                                              "train.steps=50); recorded in suite.json")
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write report/ (tables and figures) when the runs are done")
+    p.add_argument("--commit", action="store_true", help="git-commit each run's results file when it is written")
     args = p.parse_args(argv)
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     split = lambda text: [x for x in text.split(",") if x]
     try:
         stopped = run_suite(args.suite, args.scale, args.seeds, args.workdir, split(args.only),
-                            parse_set(split(args.set)), args.report)
+                            parse_set(split(args.set)), args.report, args.commit)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"experiments.deepseekmoe.run: error: {e}")
     if stopped:

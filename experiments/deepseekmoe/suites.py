@@ -28,42 +28,98 @@ class Row:
 
 
 @dataclasses.dataclass(frozen=True)
+class Claim:
+    """A finding checked seed by seed: `lower` has a lower `metric` than `higher`. Each side is a variant of
+    the suite, or 'variant@eval' for one of its evaluation-time ablations (specialisation), e.g.
+    'deepseekmoe@no_shared'. metric: a key of report.METRICS ('val_loss', 'max_vio_global', 'rise@EVAL' = the
+    loss an ablation adds over the trained model)."""
+
+    lower: str
+    higher: str
+    source: str  # whose finding: "paper", "Wang et al. 2024", "control", ...
+    metric: str = "val_loss"
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """A training length of the token sweep: `steps` at the suite's scale, trained with `seeds` seeds."""
+
+    steps: int
+    seeds: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Suite:
     name: str
     title: str
     rows: tuple[Row, ...]
     paper_note: str = ""
     ordering: tuple[str, ...] = ()  # the paper's finding: variants from lowest to highest validation loss
+    claims: tuple[Claim, ...] = ()  # further findings checked per seed (report.py), besides `ordering`
+    budgets: tuple[Budget, ...] = ()  # token sweep: every row at each budget (run.py); () = the scale's steps
+    set: tuple[tuple[str, object], ...] = ()  # config overrides of every run of the suite (before --set)
 
+    def all_claims(self) -> tuple[Claim, ...]:
+        """The adjacent pairs of `ordering` (source 'paper'), then `claims`."""
+        chain = tuple(Claim(a, b, "paper") for a, b in zip(self.ordering, self.ordering[1:]))
+        return chain + self.claims
+
+
+# The big corpus and its tokenizer (moejax.datasets.pypi_corpus): where the token sweep trains.
+PYPI = (("data.source", "pypi"), ("data.tokenizer", "pypi_spm8k"))
+_MOE = ("hash", "switch", "gshard", "deepseekmoe")
 
 SUITES = {s.name: s for s in (
     Suite("table1", "Table 1: MoE designs at equal compute", (
         Row("dense", "Dense", 2.060), Row("hash", "Hash Layer", 1.932), Row("switch", "Switch", 1.881),
         Row("gshard", "GShard", 1.867), Row("deepseekmoe", "DeepSeekMoE", 1.808)),
           "Paper: Pile validation loss, 2B-scale models (Dai et al. 2024, Table 1).",
-          ("deepseekmoe", "gshard", "switch", "hash", "dense")),
+          ("deepseekmoe", "gshard", "switch", "hash", "dense"),
+          tuple(Claim(v, "dense", "paper") for v in _MOE if v != "hash")),
     Suite("larger", "Larger baselines: GShard with larger experts, dense upper bounds", (
         Row("gshard", "GShard"), Row("gshard_x1.2", "GShard x1.2"), Row("gshard_x1.5", "GShard x1.5"),
         Row("dense_x4", "Dense x4"), Row("dense_x16", "Dense x16"), Row("deepseekmoe", "DeepSeekMoE")),
           "Paper: Table 2 and appendix B compare these at 2B and 13B on downstream tasks."),
     Suite("segmentation", "Fine-grained expert segmentation and shared expert isolation (Fig. 3)", (
-        Row("seg_0s_2of16", "0 shared + 2/16 routed"), Row("seg_1s_1of15", "1 shared + 1/15 routed"),
+        Row("gshard", "GShard: 0 shared + 2/16 routed"), Row("seg_1s_1of15", "1 shared + 1/15 routed"),
         Row("seg_1s_3of31", "1 shared + 3/31 routed"), Row("deepseekmoe", "1 shared + 7/63 routed")),
           "Paper: Fig. 3 shows each step lowering the Pile loss and raising downstream scores.",
-          ("deepseekmoe", "seg_1s_3of31", "seg_1s_1of15", "seg_0s_2of16")),
+          ("deepseekmoe", "seg_1s_3of31", "seg_1s_1of15", "gshard")),
     Suite("shared_ratio", "Shared experts out of 64 with 8 active (sec. 4.5)", (
         Row("deepseekmoe", "1 shared + 7/63 routed"), Row("shared_2of64", "2 shared + 6/62 routed"),
-        Row("shared_4of64", "4 shared + 4/60 routed"))),
+        Row("shared_4of64", "4 shared + 4/60 routed")),
+          "Paper: sec. 4.5 studies this ratio at 2B scale."),
     Suite("specialisation", "Expert specialisation: disabled top experts, no shared expert, fewer active (Fig. 4-5)", (
         Row("deepseekmoe", "DeepSeekMoE", 1.808, evals=True), Row("gshard_x1.5", "GShard x1.5", evals=True)),
           "Paper: DeepSeekMoE without its shared expert (one more routed expert active) goes from 1.808 to "
-          "2.414 Pile loss (sec. 4.5)."),
+          "2.414 Pile loss (sec. 4.5).",
+          claims=(Claim("deepseekmoe", "deepseekmoe@no_shared", "paper"),
+                  Claim("gshard_x1.5", "deepseekmoe", "paper", "rise@disable_top=1/16"))),
     Suite("balancing", "Auxiliary loss vs auxiliary-loss-free balancing (Wang et al. 2024)", (
         Row("deepseekmoe", "balance loss a1 = 0.01"), Row("aux_free", "loss-free bias, u = 1e-3"),
-        Row("no_balance", "neither"))),
+        Row("no_balance", "neither")),
+          claims=(Claim("aux_free", "deepseekmoe", "Wang et al. 2024"),
+                  Claim("aux_free", "deepseekmoe", "Wang et al. 2024", "max_vio_global"),
+                  Claim("deepseekmoe", "no_balance", "balance loss", "max_vio_global"),
+                  Claim("aux_free", "no_balance", "loss-free bias", "max_vio_global"))),
     Suite("olmoe", "OLMoE-style choices: shared expert, expert choice", (
         Row("olmoe", "8/64 routed, no shared"), Row("olmoe_shared", "1 shared + 7/63 routed"),
-        Row("expert_choice", "expert choice, 64 experts, C = 8S/64"))),
+        Row("expert_choice", "expert choice, 64 experts, C = 8S/64")),
+          claims=(Claim("olmoe", "olmoe_shared", "OLMoE"),)),
+    Suite("gate_scale", "Gate-scale control: routed gates that start at the same mass", (
+        Row("switch", "Switch"), Row("switch_gs", "Switch, gate x 4.3"), Row("gshard", "GShard"),
+        Row("deepseekmoe", "DeepSeekMoE"), Row("deepseekmoe_gs", "DeepSeekMoE, routed gates x 2.5")),
+          "At initialisation the routed gates sum to about 0.23 (Switch), 1 (GShard) and 0.39 (DeepSeekMoE); "
+          "the x 4.3 and x 2.5 variants start at about 1 (configs/deepseekmoe_ablations.py GATE_SCALE).",
+          claims=(Claim("switch_gs", "switch", "control"), Claim("deepseekmoe_gs", "deepseekmoe", "control"),
+                  Claim("deepseekmoe", "gshard", "paper"), Claim("deepseekmoe_gs", "gshard", "paper"),
+                  Claim("gshard", "switch", "paper"), Claim("gshard", "switch_gs", "paper"))),
+    Suite("tokens", "Token sweep on the PyPI corpus: does DeepSeekMoE overtake GShard with more tokens?", (
+        Row("dense", "Dense"), Row("gshard", "GShard"), Row("deepseekmoe", "DeepSeekMoE"),
+        Row("deepseekmoe_gs", "DeepSeekMoE, routed gates x 2.5")),
+          claims=(Claim("deepseekmoe", "gshard", "paper"), Claim("deepseekmoe_gs", "gshard", "paper"),
+                  Claim("gshard", "dense", "paper")),
+          budgets=(Budget(300, 3), Budget(950, 3), Budget(3000, 2), Budget(10000, 2)), set=PYPI),
 )}
 
 PAPER_EVALS = {("deepseekmoe", "no_shared"): 2.414}

@@ -11,6 +11,7 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["moejax", "moejax.*", "pallas_kernels", "pallas_kernels.*"]),
+    package_data={"moejax.datasets": ["pypi_spm8k.model"]},  # the PyPI corpus' 8K SentencePiece tokenizer
     install_requires=[
         f"jax>={JAX_VERSION}",
         "flax>=0.12",

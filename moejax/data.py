@@ -6,6 +6,9 @@ Sources (`DataConfig.source`), all read with `tfds` data sources (no TensorFlow)
   'text_dir'  every text file under `text_dir` (moejax.datasets.MoejaxTextDir), rebuilt when files change.
   'tfds'      a tfds dataset already prepared in array_record format (`tfds_name`, `tfds_data_dir`,
               `text_key`, `train_split`, `eval_split`), e.g. lm1b or c4 on a TPU VM disk or bucket.
+  'pypi'      ~250 MB of Python sources and docs from 151 pinned PyPI wheels (moejax.datasets.pypi_corpus),
+              bit-reproducible, with its own split by distribution; built once with `python -m
+              moejax.datasets.pypi_corpus --download_dir=~/moejax_pypi_wheels`, never downloaded in training.
 For 'stdlib' and 'text_dir' a file goes to 'validation' when the hash of its relative path is below
 `val_fraction`. `tfds_data_dir=''` means the tfds default ($TFDS_DATA_DIR, else ~/tensorflow_datasets).
 
@@ -48,10 +51,11 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from moejax import datasets
+from moejax.datasets import pypi_corpus  # not in datasets/__init__: `python -m` runs it
 from moejax.moe import require_for
 from moejax.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer
 
-SOURCES = ("stdlib", "text_dir", "tfds")
+SOURCES = ("stdlib", "text_dir", "tfds", "pypi")
 SHUFFLE_WINDOW = 1024  # rows
 FEATURES = ("inputs", "targets", "segment_ids", "positions", "weights")
 
@@ -100,12 +104,14 @@ class DataConfig:
             _require(self.text_dir == "", "text_dir", self.text_dir, "'' unless source='text_dir'")
         if self.source == "tfds":
             _require(bool(self.tfds_name), "tfds_name", self.tfds_name, "a tfds dataset name with source='tfds'")
-            _require(self.val_fraction == DataConfig.val_fraction, "val_fraction", self.val_fraction,
-                     f"{DataConfig.val_fraction} (unused) with source='tfds': tfds datasets have their own splits")
         else:
             _require(self.tfds_name == "", "tfds_name", self.tfds_name, "'' unless source='tfds'")
             _require(self.text_key == "text", "text_key", self.text_key,
-                     "'text' unless source='tfds' (the stdlib and text_dir builders store documents there)")
+                     "'text' unless source='tfds' (the stdlib, text_dir and pypi builders store documents there)")
+        if self.source in ("tfds", "pypi"):
+            _require(self.val_fraction == DataConfig.val_fraction, "val_fraction", self.val_fraction,
+                     f"{DataConfig.val_fraction} (unused) with source={self.source!r}: it has its own splits")
+        else:
             _require(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "0 < val_fraction < 1")
         _require(bool(self.text_key), "text_key", self.text_key, "a feature name")
         for field in ("train_split", "eval_split"):
@@ -123,7 +129,7 @@ class DataConfig:
 
 
 # SentencePiece models shipped with moejax, by name (data.tokenizer=NAME): the same file on every machine.
-PACKAGED_TOKENIZERS = {"pypi_spm8k": os.path.join(os.path.dirname(datasets.__file__), "pypi_spm8k.model")}
+PACKAGED_TOKENIZERS = {"pypi_spm8k": pypi_corpus.TOKENIZER_8K}
 
 
 def get_tokenizer(cfg: DataConfig) -> Tokenizer:
@@ -203,7 +209,20 @@ def _tfds_builder(cfg: DataConfig):
     return builder
 
 
+def _pypi_builder(cfg: DataConfig):
+    """The pinned PyPI corpus prepared in tfds_data_dir; it is built by its own command, never here."""
+    builder = pypi_corpus.pypi_builder(_data_dir(cfg))
+    if not builder.is_prepared():
+        where = _data_dir(cfg) or f"the tfds default data dir {tfds.core.constants.DATA_DIR}"
+        _fail("tfds_data_dir", cfg.tfds_data_dir, f"a tfds data dir where the PyPI corpus is prepared (it is not "
+              f"prepared in {where}; build it with `{pypi_corpus.build_command(_data_dir(cfg))}`)",
+              FileNotFoundError)
+    return builder
+
+
 def _builder(cfg: DataConfig):
+    if cfg.source == "pypi":
+        return _pypi_builder(cfg)
     return _tfds_builder(cfg) if cfg.source == "tfds" else _files_builder(cfg)
 
 
@@ -342,7 +361,7 @@ def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, *, final: bool = False, 
     index, count = _process(cfg, process_index, process_count)
     steps = (cfg.final_eval_steps or cfg.eval_steps) if final else cfg.eval_steps
     rows = packed_rows(cfg, tokenizer, split_field="eval_split", shuffle=False, num_epochs=1)
-    rows = list(itertools.islice(rows, cfg.eval_steps * cfg.batch_size))
+    rows = list(itertools.islice(rows, steps * cfg.batch_size))
     n_batches = -(-len(rows) // cfg.batch_size)
     stacked = {k: np.stack([r[k] for r in rows]) for k in FEATURES}  # [N, S]
     per_host = cfg.batch_size // count

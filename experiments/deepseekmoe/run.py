@@ -286,12 +286,14 @@ def plan(suite: suites.Suite, seeds: int, only=()) -> list[tuple[suites.Row, int
 
 
 def git_commit(path: str, message: str, tries: int = 5) -> None:
-    """Commit one file (a finished run's results) to the repository, retrying while git's index is locked
-    by another command; a failure is reported and the run goes on."""
+    """Commit one file (a finished run's results) to the repository that holds it (not necessarily the one
+    whose code runs), that file only, retrying while git's index is locked by another command; a failure is
+    reported and the run goes on."""
+    where, name = os.path.split(os.path.abspath(path))
     for attempt in range(tries):
-        done = subprocess.run(["git", "add", path], cwd=suites.REPO, capture_output=True, text=True)
+        done = subprocess.run(["git", "add", name], cwd=where, capture_output=True, text=True)
         if done.returncode == 0:
-            done = subprocess.run(["git", "commit", "-q", "-m", message, "--", path], cwd=suites.REPO,
+            done = subprocess.run(["git", "commit", "-q", "-m", message, "--", name], cwd=where,
                                   capture_output=True, text=True)
         if done.returncode == 0:
             return

@@ -215,6 +215,10 @@ def test_eval_batches_fixed_and_independent_of_process_count(corpus):
     assert np.array_equal(weighted_targets([{k: b[k][i] for k in b} for b in allv for i in range(4)]), want)
     n_rows = -(-len(want) // 16)  # inputs and targets both have one token per target
     assert len(allv) == -(-n_rows // 4) < 1000
+    # The final evaluation: the first final_eval_steps batches (0: eval_steps), the periodic ones unchanged.
+    final = DataConfig(**{**corpus.__dict__, "eval_steps": 1, "final_eval_steps": 2})
+    assert same(data.eval_batches(final, tok, final=True), ev[:2]) and same(data.eval_batches(final, tok), ev[:1])
+    assert same(data.eval_batches(corpus, tok, final=True), ev)  # final_eval_steps 0
 
 
 # ------------------------------------------------------------------ splits

@@ -11,7 +11,7 @@ from moejax import config as config_lib
 
 # Every run of these tests: 2 steps of the tiny config, one validation batch.
 FAST = {"train.steps": 2, "train.warmup_steps": 1, "train.eval_every": 2, "train.checkpoint_every": 2,
-        "train.log_every": 1, "data.eval_steps": 1, "data.final_eval_steps": 1}
+        "train.log_every": 1, "data.eval_steps": 1, "data.final_eval_steps": 2}
 
 
 def test_every_variant_of_every_suite_builds_at_every_scale():
@@ -125,6 +125,8 @@ def test_specialisation_suite_trains_skips_resumes_and_reports(tmp_path):
     with open(path) as f:
         result = json.load(f)
     assert result["steps"] == 2 and result["variant"] == "deepseekmoe" and result["config"]["seed"] == 0
+    assert result["val_tokens"] == 2 * 16 * 128, "the final evaluation takes data.final_eval_steps batches"
+    assert all(e["val_tokens"] == 2 * 16 * 128 for e in result["evals"].values())
     assert set(result["evals"]) == {"disable_top=4", "disable_top=8", "disable_top=12", "disable_top=16",
                                     "no_shared", *(f"top_k={k}" for k in range(1, 7))}
     assert result["evals"]["no_shared"]["changes"] == {"n_shared": 0, "top_k": 8}
@@ -203,6 +205,27 @@ def test_report_tables_mean_std_paper_and_claims():
     assert r"2.100 $\pm$ 0.141" in tex
 
 
+def test_token_sweep_report_says_where_a_claim_starts_to_hold(tmp_path):
+    suite = suites.get_suite("tokens")
+    loss = {("gshard", 300): (2.0, 2.1, 2.2), ("deepseekmoe", 300): (2.1, 2.0, 2.3),
+            ("gshard", 950): (1.8, 1.9, 1.85), ("deepseekmoe", 950): (1.7, 1.81, 1.74)}
+    results = [{**_fake(v, s, l[s]), "budget_steps": b, "tokens": b * 1024} for (v, b), l in loss.items()
+               for s in range(3)]
+    md, _ = report.tables(suite, {"scale": "tiny"}, report.summarise(suite, results), results)
+    assert "| DeepSeekMoE | 0.31M | 3 |" in md and "| GShard | 0.97M | 3 |" in md
+    assert "| DeepSeekMoE < GShard | 0.31M | paper | 1 of 3 seeds |" in md
+    assert "| DeepSeekMoE < GShard | 0.97M | paper | 3 of 3 seeds | +0.100 |" in md
+    text = report.sweep_sentences(suite, results)
+    assert text == "- DeepSeekMoE < GShard: holds from 0.97M tokens on (up to 0.97M: +0.100 [+0.075, +0.125], 3 seeds)."
+    reversed_ = [{**r, "val_loss": -r["val_loss"]} for r in results]
+    assert "does not hold from any budget on up to 0.97M tokens; at 0.97M it is reversed" in report.sweep_sentences(
+        suite, reversed_)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    assert report.plot_token_sweep(suite, results, str(tmp_path))[0].endswith("token_sweep.png")
+
+
 def test_results_md_is_generated_from_the_committed_results():
     """Every generated block of RESULTS.md equals what report.py makes from the committed results files, no
     template leftovers remain, and every committed results directory has its block."""
@@ -261,3 +284,21 @@ def test_citation_cff_and_readme_bibtex_agree():
 def test_cli_exits_with_one_line_naming_the_valid_suites(tmp_path):
     with pytest.raises(SystemExit, match=r"experiments.deepseekmoe.run: error: --suite='foo' is invalid; allowed: "):
         run.main(["--suite=foo", f"--workdir={tmp_path}"])
+
+
+def test_git_commit_commits_one_results_file_in_its_own_repository(tmp_path, monkeypatch):
+    import subprocess
+
+    for k, v in {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                 "GIT_COMMITTER_EMAIL": "t@t"}.items():
+        monkeypatch.setenv(k, v)
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    git("init", "-q")
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "a.json").write_text("{}")
+    (tmp_path / "other.txt").write_text("not mine")
+    run.git_commit(str(tmp_path / "results" / "a.json"), "a done")
+    assert git("log", "--format=%s") == "a done\n"
+    assert git("status", "--porcelain") == "?? other.txt\n", "only the results file is committed"
+    run.git_commit(str(tmp_path / "results" / "a.json"), "again", tries=1)  # nothing new: no commit, no error
+    assert git("log", "--format=%s") == "a done\n"

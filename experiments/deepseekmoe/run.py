@@ -290,6 +290,9 @@ def git_commit(path: str, message: str, tries: int = 5) -> None:
     whose code runs), that file only, retrying while git's index is locked by another command; a failure is
     reported and the run goes on."""
     where, name = os.path.split(os.path.abspath(path))
+    status = subprocess.run(["git", "status", "--porcelain", "--", name], cwd=where, capture_output=True, text=True)
+    if status.returncode == 0 and not status.stdout.strip():
+        return  # committed already
     for attempt in range(tries):
         done = subprocess.run(["git", "add", name], cwd=where, capture_output=True, text=True)
         if done.returncode == 0:
@@ -321,6 +324,8 @@ def run_suite(suite_name: str, scale: str, seeds: int, workdir: str, only=(), ov
         for budget in suite.budgets or (None,):
             config_lib.to_typed(run_config(variant, scale, 0, overrides, budget, suite.set))
     claim(workdir, suite_name, scale, overrides)
+    if commit_results:
+        git_commit(os.path.join(workdir, "suite.json"), f"{suite_name} ({scale}): suite.json")
     runs = plan(suite, seeds, only)
     print(f"suite {suite_name} ({suite.title}), scale {scale}: {len(runs)} runs in {workdir}", flush=True)
     for row, seed, budget in runs:

@@ -108,14 +108,14 @@ def compiled_flops(trainer: train.Trainer, batch: int, seq_len: int, backend: st
     return (total * (4 / 3 if m.remat else 1.0) + moe_rows) * t.grad_accum
 
 
-def check_report(r: dict, c, topology: str, mesh: dict | None, backend: str) -> None:
+def check_report(r: dict, c, topology: str, mesh: dict | None, backend: str, padding: float = 1.05) -> None:
     """Memory numbers positive, arguments = the state and batch shards (TPU layouts pad some dimensions to
-    tiles: measured 0-3.5% more), outputs
-    aliased to the donated state, total = args + outputs + temps - aliased, FLOPs as `compiled_flops`."""
+    tiles: measured 0-3.5% more; `padding` bounds it where a weight's minor dimension is known to pad further),
+    outputs aliased to the donated state, total = args + outputs + temps - aliased, FLOPs as `compiled_flops`."""
     trainer = trainer_for(c, topology, mesh)
     assert min(r["argument_bytes"], r["output_bytes"], r["temp_bytes"], r["alias_bytes"]) > 0
     shards = argument_bytes(trainer, r["batch"], r["seq_len"])
-    assert shards <= r["argument_bytes"] <= 1.05 * shards
+    assert shards <= r["argument_bytes"] <= padding * shards
     assert r["alias_bytes"] == pytest.approx(r["output_bytes"], rel=0.01)
     assert r["total_bytes"] == r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"] - r["alias_bytes"]
     assert r["fits"] == (r["total_bytes"] <= r["hbm_bytes"])
@@ -244,3 +244,21 @@ def test_deepseekmoe_16b_fits_v5p_4x4x4():
     check_report(r, c, "v5p:4x4x4", None, "pallas")
     assert r["fits"] and r["hbm_bytes"] == 95 * GIB and r["chips"] == 64
     assert r["active_params"] == pytest.approx(2.62e9, rel=0.01)
+
+
+def test_table1_proxy_deepseekmoe_fits_v5e_2x4():
+    """(d) The `proxy` scale of configs/deepseekmoe_table1.py as configured there, on the v5e-8 it is sized for:
+    DeepSeekMoE, 8 layers, d 512, 8K vocabulary, 256 x 1024 tokens per step in grad_accum=2 micro-batches
+    (16 sequences per chip each), parameters and AdamW moments split 8 ways (fsdp=8), bf16. Measured: 10.68 GiB
+    per chip of 16, FLOPs as compiled 0.958 x the analytic 6 N_active + attention (= `compiled_flops` here:
+    the Pallas kernels count exactly the T K routed rows). Arguments are 8.8% above the shards: the routed
+    experts' width f = 352 pads to 384 = 3 x 128 lanes (+9.1%), and expert weights are 95% of the state.
+    This compiles the full step as the config trains it, 160-200 s on 2 busy CPU cores: a step with fewer
+    layers or micro-batches is not much cheaper (2 of the 8 layers: 120 s; the time goes to the large
+    per-chip shapes), so no cheaper check would test the configured fit."""
+    c = config("deepseekmoe_table1", "method=deepseekmoe,scale=proxy")
+    r = aot.compile_report(c, "v5e:2x4")
+    check_report(r, c, "v5e:2x4", None, "pallas", padding=384 / 352)
+    assert (r["chips"], r["mesh"]["fsdp"], r["grad_accum"]) == (8, 8, 2)
+    assert r["fits"] and r["total_bytes"] < 0.8 * r["hbm_bytes"]
+    assert 0.9 < r["flops_per_chip"] / r["model_flops_per_chip"] < 1.1

@@ -75,7 +75,7 @@ def test_variants_keep_the_papers_compute_rules():
 
 @pytest.mark.parametrize("kwargs,match", [
     (dict(suite_name="tabel1"), r"--suite='tabel1' is invalid; allowed: \('table1', 'larger'"),
-    (dict(scale="huge"), r"--scale='huge' is invalid; allowed: \('tiny', 'small', 'paper'\)"),
+    (dict(scale="huge"), r"--scale='huge' is invalid; allowed: \('tiny', 'small', 'paper', 'proxy', 'gpu'\)"),
     (dict(seeds=0), r"--seeds=0 is invalid"),
     (dict(only=["moe"]), r"--only='moe' is invalid for suite 'table1'; allowed: \['dense'"),
     (dict(overrides={"train.stepz": 3}), r"--set train.stepz: the config has no key 'stepz'"),

@@ -13,7 +13,7 @@ import os
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(REPO, "configs", "deepseekmoe_ablations.py")
-SCALES = ("tiny", "small", "paper")
+SCALES = ("tiny", "small", "paper", "proxy", "gpu")  # configs/deepseekmoe_table1.py
 DISABLE_RATIOS = (1 / 16, 2 / 16, 3 / 16, 4 / 16)  # of the routed experts (Fig. 4's x axis)
 
 
@@ -69,7 +69,7 @@ class Suite:
 # 20M tokens are a tenth of an epoch), with the scale's byte tokens: at tiny width its 8K SentencePiece model
 # would make the embeddings 2/3 of the active parameters and halve the tokens/s (measured: DeepSeekMoE 2.1K
 # vs 4.0K tokens/s on a shared 2-core CPU). val_fraction: the corpus has its own split, by distribution.
-PYPI = (("data.source", "pypi"), ("data.val_fraction", 0.02))
+PYPI = (("data.source", "pypi"), ("data.tfds_name", ""), ("data.val_fraction", 0.02))
 _MOE = ("hash", "switch", "gshard", "deepseekmoe")
 
 SUITES = {s.name: s for s in (

@@ -72,15 +72,15 @@ def show(markdown_text: str, image_paths=()):
 # ## Every suite: tables and figures
 #
 # Validation loss is in nats per byte-level token. `paper` is the DeepSeekMoE paper's Pile loss at 2B scale where
-# it publishes one: the scales differ, so compare orderings, not values. Under each table, the paper's ordering is
-# checked seed by seed (the seeds share data order across variants, so the differences are paired).
+# it publishes one: the scales differ, so compare orderings, not values. Under each table, the suite's claims (the
+# paper's ordering and others) are checked on paired seeds: mean difference, 95% Student-t interval, verdict.
 
 # %%
 OUT = tempfile.mkdtemp(prefix="moejax_report_")
 for d in RESULTS:
     meta, results = report.load_results(d)
     suite = suites.get_suite(meta["suite"])
-    md, tex = report.tables(suite, meta, report.summarise(suite, results))
+    md, tex = report.tables(suite, meta, report.summarise(suite, results), results)
     out = report.write_report(d, os.path.join(OUT, meta["suite"]))
     pngs = sorted(glob.glob(os.path.join(out, "*.png")))
     show(f"**{d}** ({len(results)} runs, commit {results[0]['commit'][:10] if results else '-'})\n\n" + md, pngs)

@@ -35,11 +35,11 @@ The suites of experiments/deepseekmoe/run.py train these variants; its README gi
                    expert's gate 1), against 1 for GShard's normalised top-2 and for Hash (measured on the
                    first validation batch at tiny scale, seeds 0-2, experiments/deepseekmoe/run.py
                    `init_gate_mass`). The factors make the routed gate mass 1 at initialisation for all.
-Expected, scale=tiny (2-core CPU, 300 steps, mean +- std over seeds 0-2, val loss in nats/token):
-  deepseekmoe 2.009 +- 0.028   seg_1s_1of15 1.938 +- 0.031
-  seg_1s_3of31 1.962 +- 0.018   aux_free 2.023 +- 0.014      no_balance 2.029 +- 0.011   gshard_x1.5 1.956 +- 0.014
-  (gshard_x1.2, dense_x4, dense_x16, shared_*, olmoe*, expert_choice: not run at tiny scale with 3 seeds yet).
-  Wall time 60-120 s per run on a 2-core CPU.
+Expected, scale=tiny (300 steps, mean +- std over seeds 0-2, val loss in nats/token on 524,288 held-out tokens):
+  deepseekmoe 1.873 +- 0.066   seg_1s_1of15 1.832 +- 0.032   seg_1s_3of31 1.867 +- 0.059   aux_free 1.878 +- 0.054
+  no_balance 1.886 +- 0.062    switch_gs 1.978 +- 0.077      deepseekmoe_gs 1.833 +- 0.061
+  (gshard_x1.2, gshard_x1.5, dense_x4, dense_x16, shared_*, olmoe*, expert_choice: not yet run with this
+  validation.) Wall time 100-300 s per run on a 2-core CPU shared with a second run.
 The full tables, figures and commands are in experiments/deepseekmoe/RESULTS.md.
 """
 import dataclasses

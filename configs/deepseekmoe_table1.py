@@ -28,7 +28,7 @@ Scales keep these ratios (and d_ff / d_model ~ 2.7):
 The paper does not state d_ff; 3456 = 2.7 d gives 13.3M parameters per FFN, close to the 13.1M per
 FFN implied by its Table 2 (1.89B expert parameters = 16 x 9 FFNs). Paper scale initialises every
 weight N(0, 0.006) as the paper does; the others use fan-in scaling (with 0.006 the tiny DeepSeekMoE
-run ends at val loss 2.87 instead of 1.98 nats/token). Paper scale expects a tokenizer trained first:
+run ended at val loss 2.87 instead of 1.98 nats/token on the earlier 16K-token validation). Paper scale expects a tokenizer trained first:
   python -m moejax.tokenizer --source=stdlib --vocab_size=8192 --output=spm8k.model
 (or give --config.data.tokenizer=byte).
 

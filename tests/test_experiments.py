@@ -218,7 +218,7 @@ def test_token_sweep_report_says_where_a_claim_starts_to_hold(tmp_path):
     text = report.sweep_sentences(suite, results)
     assert text == "- DeepSeekMoE < GShard: holds from 0.97M tokens on (up to 0.97M: +0.100 [+0.075, +0.125], 3 seeds)."
     reversed_ = [{**r, "val_loss": -r["val_loss"]} for r in results]
-    assert "does not hold from any budget on up to 0.97M tokens; at 0.97M it is reversed" in report.sweep_sentences(
+    assert "does not hold at the largest budget trained so far, 0.97M tokens: reversed (−0.100 [" in report.sweep_sentences(
         suite, reversed_)
     import matplotlib
 

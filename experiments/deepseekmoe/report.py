@@ -200,7 +200,7 @@ def claims_table(suite: suites.Suite, checked: list[dict], tokens_per_step: int 
         lo, hi = p.interval
         ci = "-" if p.n < 2 else f"[{_signed(lo)}, {_signed(hi)}]"
         cells.append([claim_text(suite, c), *([_tokens(x["budget"] * tokens_per_step)] if sweep else []), c.source,
-                      f"{p.held} of {p.n} seeds", _signed(p.mean), ci, ", ".join(_signed(d) for d in p.diffs),
+                      f"{p.held} of {p.n} seed{'s' * (p.n > 1)}", _signed(p.mean), ci, ", ".join(_signed(d) for d in p.diffs),
                       f"**{p.verdict}**"])
     note = ("Difference: the right side's minus the left side's value, mean over seeds (positive: the claim held); "
             "95% CI: Student t with n − 1 degrees of freedom over the paired seeds; verdict `holds` / `reversed` "
@@ -340,7 +340,8 @@ def _count(values: list[int]) -> str:
 
 def caption(suite: suites.Suite, meta: dict, rows: list[dict]) -> str:
     n_val = _count([t for r in rows for t in r["val_tokens"]])
-    text = (f"{suite.title}. Scale {meta['scale']}; validation loss in nats/token on {n_val} held-out tokens, "
+    title = suite.title if suite.title.endswith(("?", ".")) else suite.title + "."
+    text = (f"{title} Scale {meta['scale']}; validation loss in nats/token on {n_val} held-out tokens, "
             f"mean ± sample standard deviation over seeds. {suite.paper_note}").strip()
     if suite.name == "balancing":
         text += (" MaxVio (Wang et al. 2024, eq. 7; mean over layers): of the load over all validation batches "
@@ -578,8 +579,11 @@ def sweep_sentences(suite: suites.Suite, results: list[dict]) -> str:
         if held_from is not None:
             text = f"holds from {tok(xs[held_from])} tokens on (up to {tok(xs[-1])}: {at_last})"
         else:
-            text = (f"does not hold from any budget on up to {tok(xs[-1])} tokens; at {tok(xs[-1])} it is "
-                    f"{last.verdict} ({at_last})")
+            held = [tok(x) for x in xs if x["paired"].verdict == "holds"]
+            largest = "largest budget" + (" trained so far" if xs[-1]["budget"] < max(b.steps for b in suite.budgets)
+                                          else "")
+            text = (f"does not hold at the {largest}, {tok(xs[-1])} tokens: {last.verdict} ({at_last})"
+                    + (f"; it holds at {', '.join(held)}" if held else ""))
         lines.append(f"- {claim_text(suite, c)}: {text}.")
     return "\n".join(lines)
 

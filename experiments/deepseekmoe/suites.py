@@ -112,7 +112,7 @@ SUITES = {s.name: s for s in (
     Suite("gate_scale", "Gate-scale control: routed gates that start at the same mass", (
         Row("switch", "Switch"), Row("switch_gs", "Switch, gate x 4.3"), Row("gshard", "GShard"),
         Row("deepseekmoe", "DeepSeekMoE"), Row("deepseekmoe_gs", "DeepSeekMoE, routed gates x 2.5")),
-          "At initialisation the routed gates sum to about 0.23 (Switch), 1 (GShard) and 0.39 (DeepSeekMoE); "
+          "At initialisation the routed gates sum to about 0.24 (Switch), 1 (GShard) and 0.40 (DeepSeekMoE); "
           "the x 4.3 and x 2.5 variants start at about 1 (configs/deepseekmoe_ablations.py GATE_SCALE).",
           claims=(Claim("switch_gs", "switch", "control"), Claim("deepseekmoe_gs", "deepseekmoe", "control"),
                   Claim("deepseekmoe", "gshard", "paper"), Claim("deepseekmoe_gs", "gshard", "paper"),

@@ -208,6 +208,11 @@ def claims_table(suite: suites.Suite, checked: list[dict], tokens_per_step: int 
     return markdown(headers, cells) + "\n\n" + note
 
 
+def tokens_per_step(results: list[dict]) -> int:
+    """Training tokens per step of a suite's runs (batch_size x seq_len of the first; 0 without runs)."""
+    return results[0]["config"]["data"]["batch_size"] * results[0]["config"]["data"]["seq_len"] if results else 0
+
+
 def _tokens(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n < 1e9 else f"{n / 1e9:.2f}B"
 
@@ -566,7 +571,7 @@ def sweep_sentences(suite: suites.Suite, results: list[dict]) -> str:
     by = collections.defaultdict(list)
     for x in check_claims(suite, results):
         by[x["claim"]].append(x)
-    tps = summarise(suite, results)[0]["tokens_per_step"] if results else 0
+    tps = tokens_per_step(results)
     lines = []
     for c, xs in by.items():
         xs = sorted(xs, key=lambda x: x["budget"])
@@ -621,10 +626,11 @@ FIGURES = (("loss_curves", "loss curves"), ("token_sweep", "token sweep"), ("exp
 LEFTOVERS = re.compile(r"ANALYSIS_|TODO|TBD|FIXME|XXX|<!-- (BEGIN|END) GENERATED")
 
 
-def results_block(name: str, results_dir: str = RESULTS_DIR) -> str:
-    """The generated markdown of results/NAME: tables, claims, figure links (token sweep: its sentences)."""
+def results_block(name: str, results_dir: str = RESULTS_DIR, loaded: tuple | None = None) -> str:
+    """The generated markdown of results/NAME: tables, claims, figure links (token sweep: its sentences).
+    loaded: its (suite.json, results) already read, else they are read here."""
     workdir = os.path.join(results_dir, name)
-    meta, results = load_results(workdir)
+    meta, results = loaded or load_results(workdir)
     suite = suites.get_suite(meta["suite"])
     md, _ = tables(suite, meta, summarise(suite, results), results)
     parts = [f"Results: `results/{name}/results/` ({len(results)} runs; suite `{meta['suite']}`, scale "
@@ -638,13 +644,14 @@ def results_block(name: str, results_dir: str = RESULTS_DIR) -> str:
     return "\n".join(parts)
 
 
-def summary_block(names: list[str], results_dir: str = RESULTS_DIR) -> str:
-    """One row per claim of every results directory named in RESULTS.md, with its verdict."""
+def summary_block(names: list[str], results_dir: str = RESULTS_DIR, loaded: dict | None = None) -> str:
+    """One row per claim of every results directory named in RESULTS.md, with its verdict. loaded: name ->
+    (suite.json, results) already read (regenerate's), else they are read here."""
     cells = []
     for name in names:
-        meta, results = load_results(os.path.join(results_dir, name))
+        meta, results = (loaded or {}).get(name) or load_results(os.path.join(results_dir, name))
         suite = suites.get_suite(meta["suite"])
-        tps = summarise(suite, results)[0]["tokens_per_step"] if results else 0
+        tps = tokens_per_step(results)
         for x in check_claims(suite, results):
             p, lo_hi = x["paired"], x["paired"].interval
             where = name + (f" @ {_tokens(x['budget'] * tps)}" if x["budget"] else "")
@@ -658,8 +665,9 @@ def regenerate(text: str, results_dir: str = RESULTS_DIR) -> str:
     """`text` (RESULTS.md) with every generated block rebuilt from the results files; 'summary' last, over the
     directories of the other blocks."""
     names = [m.group(1) for m in BLOCK.finditer(text) if m.group(1) != "summary"]
-    content = {n: results_block(n, results_dir) for n in names}
-    content["summary"] = summary_block(names, results_dir)
+    loaded = {n: load_results(os.path.join(results_dir, n)) for n in names}
+    content = {n: results_block(n, results_dir, loaded[n]) for n in names}
+    content["summary"] = summary_block(names, results_dir, loaded)
 
     def fill(m):
         name = m.group(1)

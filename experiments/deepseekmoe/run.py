@@ -56,7 +56,7 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
-def budget_overrides(budget: suites.Budget | None, config) -> dict:
+def budget_overrides(budget: suites.Budget | None) -> dict:
     """train.* overrides that make a run `budget.steps` long: warmup 10% of the steps, as the tiny scale's
     30 of 300, and evaluations / checkpoints every fifth of the run."""
     if budget is None:
@@ -75,7 +75,7 @@ def run_config(variant: str, scale: str, seed: int, overrides: dict, budget: sui
     c = config_lib.load(f"{suites.CONFIG}:variant={variant},scale={scale}")
     c.seed = seed
     c.data.shuffle_seed = seed
-    for key, value in {**dict(suite_set), **budget_overrides(budget, c), **overrides}.items():
+    for key, value in {**dict(suite_set), **budget_overrides(budget), **overrides}.items():
         node, *path = key.split(".")
         parent = c
         for part in [node] + path[:-1]:

@@ -22,6 +22,14 @@ boundary, so `weights` is 1.0 on every token and 0.0 only on padding (the end of
   doc 'ab', doc 'cde', seq_len 4 ->  inputs  [EOS a b EOS] [c d e 0]    segment_ids [1 1 1 2] [1 1 1 0]
                                      targets [a b EOS c]   [d e EOS 0]  positions   [0 1 2 0] [0 1 2 0]
 
+Memory: a split's documents are read ahead in grain threads, as many as hold READ_AHEAD_BYTES at its mean
+document size (0 to 500), and each is tokenized and packed CHUNK_BYTES of text at a time
+(`Tokenizer.encode_chunks`, whose chunks concatenate to exactly the whole document's tokens), so the pipeline
+holds a few documents' text and one chunk's tokens, never a long document's tokens at once.
+Tokenization runs where packing runs (the iterator's process, or grain workers with worker_count > 0), not in
+the read threads; on stdlib that measured as fast with bytes, and 2x as fast with SentencePiece, as
+tokenizing in 16 threads (which contend for the GIL). experiments/benchmarks/data_memory.py measures the peak.
+
 Batches (numpy, per host, B = batch_size // process_count, S = seq_len): inputs, targets, segment_ids,
 positions int32 [B, S]; weights float32 [B, S].
 
@@ -57,6 +65,8 @@ from moejax.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer
 
 SOURCES = ("stdlib", "text_dir", "tfds", "pypi")
 SHUFFLE_WINDOW = 1024  # rows
+CHUNK_BYTES = 1 << 20  # text tokenized at a time (Tokenizer.encode_chunks)
+READ_AHEAD_BYTES = 64 << 20  # documents read ahead hold about this much at the split's mean document size
 FEATURES = ("inputs", "targets", "segment_ids", "positions", "weights")
 
 _require = require_for("DataConfig")
@@ -234,6 +244,33 @@ def _source(cfg: DataConfig, builder, field: str):
     return builder.as_data_source(split=split)
 
 
+def _read_options(builder, split: str) -> grain.ReadOptions:
+    """grain's read-ahead: as many documents as hold READ_AHEAD_BYTES at the split's mean size (tfds num_bytes /
+    num_examples), at most grain's default 500, read by up to grain's default 16 threads; none (documents read
+    when needed) if the mean is larger."""
+    info = builder.info.splits[split.split("[")[0]]
+    mean = info.num_bytes / max(info.num_examples, 1)  # 0 if unrecorded: grain's defaults
+    ahead = int(min(READ_AHEAD_BYTES // max(mean, 1), 500))
+    return grain.ReadOptions(num_threads=min(ahead, 16), prefetch_buffer_size=ahead)
+
+
+def corpus_identity(cfg: DataConfig) -> dict[str, Any]:
+    """What names the corpus cfg reads, the same on every machine and in every process: {'source', 'builder',
+    'version', 'config', and 'content_sha256' (the hash of every stored document and its path, split by split,
+    recorded when the corpus was built) or, for 'tfds' (no content hash), 'splits': {split: {'num_examples',
+    'num_bytes'}} from builder.info}. Reads no documents. For 'text_dir', config is None: its name hashes the
+    absolute path and file mtimes, which differ between copies of the same files."""
+    builder = _builder(cfg)
+    ident = {"source": cfg.source, "builder": builder.name, "version": str(builder.version),
+             "config": None if cfg.source == "text_dir" else getattr(builder.builder_config, "name", None)}
+    if cfg.source == "tfds":
+        ident["splits"] = {name: {"num_examples": int(s.num_examples), "num_bytes": int(s.num_bytes)}
+                           for name, s in sorted(builder.info.splits.items())}
+    else:
+        ident["content_sha256"] = builder.info.metadata["content_sha256"]
+    return ident
+
+
 def documents(cfg: DataConfig, field: str = "train_split") -> Iterator[bytes]:
     """The text of every document of split getattr(cfg, field), in storage order."""
     source = _source(cfg, _builder(cfg), field)
@@ -243,72 +280,106 @@ def documents(cfg: DataConfig, field: str = "train_split") -> Iterator[bytes]:
 # ------------------------------------------------------------------ tokenize and pack
 
 
-class Tokenize:
-    """example -> {'inputs': [EOS, t_1..t_n], 'targets': [t_1..t_n, EOS]}, int32 [n + 1] each."""
-
-    def __init__(self, tokenizer: Tokenizer, text_key: str):
-        self.tokenizer, self.text_key = tokenizer, text_key
-
-    def __call__(self, example) -> dict[str, np.ndarray]:
-        ids = self.tokenizer.encode(example[self.text_key])  # [n]
-        eos = np.array([self.tokenizer.eos_id], np.int32)
-        return {"inputs": np.concatenate([eos, ids]), "targets": np.concatenate([ids, eos])}
-
-
 class PackIterDataset(grain.IterDataset):
-    """Concatenates {'inputs', 'targets'} documents and cuts them into rows of seq_len (module docstring).
+    """Tokenizes documents (examples with the text at text_key) and cuts them into rows of seq_len (module
+    docstring), about chunk_bytes of text at a time: a document's tokens are never all in memory.
 
-    The iterator's state is the parent's state before the document being cut plus the offset into it:
-    restoring re-reads that one document.
+    The iterator's state is the parent's state before the document being cut plus the number of its pairs
+    already cut: restoring re-reads that one document and skips them.
     """
 
-    def __init__(self, parent: grain.IterDataset, seq_len: int):
+    def __init__(self, parent: grain.IterDataset, tokenizer: Tokenizer, text_key: str, seq_len: int,
+                 chunk_bytes: int = CHUNK_BYTES):
         super().__init__(parent)
-        self.seq_len = seq_len
+        self.tokenizer, self.text_key, self.seq_len, self.chunk_bytes = tokenizer, text_key, seq_len, chunk_bytes
 
     def __iter__(self):
-        return _PackIterator(self._parent.__iter__(), self.seq_len)
+        return _PackIterator(self._parent.__iter__(), self)
 
 
 class _PackIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, seq_len: int):
+    """Cuts each document's stream [EOS, t_1..t_n, EOS]: inputs s[j:j + take], targets s[j + 1:j + take + 1]."""
+
+    def __init__(self, parent: grain.DatasetIterator, pack: PackIterDataset):
         super().__init__(parent)
-        self.seq_len = seq_len
-        self._doc, self._doc_state, self._offset = None, None, 0  # document being cut, state before it
+        self.pack = pack
+        self._close()
+
+    def _close(self):
+        # The open document: the parent's state before it, the rest of its stream s as token chunks (None once
+        # all read), _buf = s[_offset:] as read so far (int32 [m], m >= 2 while open; None: no document open),
+        # _offset = its pairs already cut.
+        self._doc_state, self._chunks, self._buf, self._offset = None, None, None, 0
+
+    def _read(self, n: int):
+        """Reads chunks until _buf holds n tokens or the document's stream ends."""
+        parts, size = [self._buf], len(self._buf)
+        while size < n and self._chunks is not None:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                self._chunks = None
+            elif len(chunk):
+                parts.append(chunk)
+                size += len(chunk)
+        if len(parts) > 1:
+            self._buf = np.concatenate(parts)
+
+    def _advance(self, n: int):
+        """Drops n pairs of the open document; closes it when none are left."""
+        self._buf, self._offset = self._buf[n:], self._offset + n
+        self._read(2)
+        if len(self._buf) < 2:
+            self._close()
+
+    def _open(self, skip: int = 0) -> bool:
+        """Opens the parent's next document, its first `skip` pairs dropped; False at the parent's end."""
+        state = copy.deepcopy(self._parent.get_state())
+        try:
+            example = next(self._parent)
+        except StopIteration:
+            return False
+        p = self.pack
+        eos = np.array([p.tokenizer.eos_id], np.int32)
+        self._doc_state, self._buf, self._offset = state, eos, 0
+        self._chunks = itertools.chain(p.tokenizer.encode_chunks(example[p.text_key], p.chunk_bytes), [eos])
+        self._read(2)
+        while skip and self._buf is not None:
+            n = min(skip, len(self._buf) - 1)
+            self._advance(n)
+            skip -= n
+        return True
 
     def __next__(self) -> dict[str, np.ndarray]:
-        row = {k: np.zeros(self.seq_len, np.int32) for k in FEATURES[:4]}
+        S = self.pack.seq_len
+        row = {k: np.zeros(S, np.int32) for k in FEATURES[:4]}
         n, segment = 0, 0
-        while n < self.seq_len:
-            if self._doc is None or self._offset == len(self._doc["inputs"]):
-                state = copy.deepcopy(self._parent.get_state())
-                try:
-                    self._doc, self._doc_state, self._offset = next(self._parent), state, 0
-                except StopIteration:
-                    self._doc = None
-                    break
-            take = min(self.seq_len - n, len(self._doc["inputs"]) - self._offset)
+        while n < S:
+            if self._buf is None and not self._open():
+                break
+            self._read(S - n + 1)
+            take = min(S - n, len(self._buf) - 1)
             segment += 1
-            for k in ("inputs", "targets"):
-                row[k][n:n + take] = self._doc[k][self._offset:self._offset + take]
+            row["inputs"][n:n + take] = self._buf[:take]
+            row["targets"][n:n + take] = self._buf[1:take + 1]
             row["segment_ids"][n:n + take] = segment
             row["positions"][n:n + take] = np.arange(take)
-            n, self._offset = n + take, self._offset + take
+            n += take
+            self._advance(take)
         if n == 0:
             raise StopIteration
         row["weights"] = (row["segment_ids"] > 0).astype(np.float32)
         return row
 
     def get_state(self) -> dict[str, Any]:
-        if self._doc is not None and self._offset < len(self._doc["inputs"]):
+        if self._buf is not None:
             return {"parent": copy.deepcopy(self._doc_state), "offset": self._offset}
         return {"parent": copy.deepcopy(self._parent.get_state()), "offset": 0}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self._doc, self._doc_state, self._offset = None, None, 0
-        if state["offset"]:
-            self._doc_state, self._doc, self._offset = state["parent"], next(self._parent), state["offset"]
+        self._close()
+        if state["offset"] and not (self._open(skip=state["offset"]) and self._buf is not None):
+            raise ValueError(f"pack state {state}: no document with more than {state['offset']} pairs there")
 
 
 # ------------------------------------------------------------------ pipelines
@@ -326,7 +397,8 @@ def _process(cfg: DataConfig, process_index, process_count) -> tuple[int, int]:
 def packed_rows(cfg: DataConfig, tokenizer: Tokenizer, *, split_field: str = "train_split", shuffle: bool = True,
                 num_epochs: int | None = None, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
     """Rows (dicts of [S] arrays) of this host's documents of a split: the stages before batching."""
-    source = _source(cfg, _builder(cfg), split_field)
+    builder = _builder(cfg)
+    source = _source(cfg, builder, split_field)
     docs = grain.MapDataset.source(source)[process_index::process_count]
     _require(len(docs) > 0, split_field, getattr(cfg, split_field),
              f"a split with at least process_count={process_count} documents (it has {len(source)})")
@@ -334,8 +406,8 @@ def packed_rows(cfg: DataConfig, tokenizer: Tokenizer, *, split_field: str = "tr
         docs = docs.shuffle(seed=cfg.shuffle_seed)  # reshuffled every epoch (seed + epoch)
     if num_epochs != 1:
         docs = docs.repeat(num_epochs)
-    docs = docs.map(Tokenize(tokenizer, cfg.text_key)).to_iter_dataset()  # tokenized in grain threads
-    rows = PackIterDataset(docs, cfg.seq_len)
+    docs = docs.to_iter_dataset(_read_options(builder, getattr(cfg, split_field)))  # read in grain threads
+    rows = PackIterDataset(docs, tokenizer, cfg.text_key, cfg.seq_len, CHUNK_BYTES)  # tokenized here, in chunks
     if shuffle:
         rows = grain.experimental.WindowShuffleIterDataset(rows, window_size=SHUFFLE_WINDOW, seed=cfg.shuffle_seed)
     return rows

@@ -3,6 +3,10 @@
 Every tokenizer has `vocab_size` (padded to a multiple of 128), `eos_id`, `encode(text) -> int32 [n]`,
 `decode(ids) -> str` and `token_bytes`: float32 [vocab_size], the number of UTF-8 bytes of text each id
 stands for (0 for EOS, padding and unused ids), so bits per byte = sum(nll) / (ln 2 * sum(token_bytes[targets])).
+`encode_chunks(text, chunk_bytes)` yields int32 arrays whose concatenation is exactly `encode(text)`, each from
+about chunk_bytes of text, so a long document is never held as tokens all at once: the byte tokenizer cuts
+anywhere; SentencePiece cuts only just before a space that follows a non-space, where no piece can span the
+cut (`cuts_at_spaces`; a document without such spaces is encoded whole).
 
 Train a SentencePiece model (BPE with byte fallback, whitespace kept exactly) on the training split of any
 DataConfig source (documents of the validation split are never seen), then set `data.tokenizer` to the file:
@@ -25,10 +29,12 @@ from __future__ import annotations
 import argparse
 import io
 import os
-from typing import Iterable, Protocol
+import re
+from typing import Iterable, Iterator, Protocol
 
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 VOCAB_MULTIPLE = 128
 
@@ -49,6 +55,8 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str | bytes) -> np.ndarray: ...
 
+    def encode_chunks(self, text: str | bytes, chunk_bytes: int) -> Iterator[np.ndarray]: ...
+
     def decode(self, ids) -> str: ...
 
 
@@ -65,6 +73,11 @@ class ByteTokenizer:
     def encode(self, text: str | bytes) -> np.ndarray:
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         return np.frombuffer(data, np.uint8).astype(np.int32)  # [n]
+
+    def encode_chunks(self, text: str | bytes, chunk_bytes: int) -> Iterator[np.ndarray]:
+        data = memoryview(text.encode("utf-8") if isinstance(text, str) else text)
+        for i in range(0, len(data), chunk_bytes):
+            yield np.frombuffer(data[i:i + chunk_bytes], np.uint8).astype(np.int32)  # [<= chunk_bytes]
 
     def decode(self, ids) -> str:
         ids = np.asarray(ids).reshape(-1)
@@ -90,6 +103,7 @@ class SentencePieceTokenizer:
         self.eos_id = self._sp.eos_id()
         if self.eos_id < 0:
             raise ValueError("SentencePiece model has no EOS piece (train it with eos_id >= 0)")
+        self.cuts_at_spaces = _cuts_at_spaces(proto)
         self.token_bytes = np.zeros(self.vocab_size, np.float32)
         for i in range(self.n_pieces):
             if self._sp.is_byte(i):
@@ -106,8 +120,37 @@ class SentencePieceTokenizer:
     def encode(self, text: str | bytes) -> np.ndarray:
         return np.asarray(self._sp.encode(_text(text)), np.int32)  # [n]
 
+    def encode_chunks(self, text: str | bytes, chunk_bytes: int) -> Iterator[np.ndarray]:
+        if not self.cuts_at_spaces:
+            yield self.encode(text)
+            return
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        start = 0
+        while start < len(data):
+            cut = _SPACE_AFTER_NON_SPACE.search(data, start + chunk_bytes)  # ASCII: never inside a character
+            end = cut.start() if cut else len(data)
+            yield self.encode(data[start:end])
+            start = end
+
     def decode(self, ids) -> str:
         return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1) if i < self.n_pieces])
+
+
+_SPACE_AFTER_NON_SPACE = re.compile(rb"(?<! ) ")
+
+
+def _cuts_at_spaces(proto: bytes) -> bool:
+    """True if text cut just before a space that follows a non-space encodes, piece by piece, to the same ids
+    as whole: a BPE model whose normalizer only escapes spaces as '▁' (identity rule, no dummy prefix, spaces
+    kept) and none of whose pieces has '▁' after another character (trained with split_by_whitespace, as
+    `train_sentencepiece` does). Then no piece spans such a cut, and BPE merges on either side never
+    interact. Unigram models are excluded: Viterbi scores summed from a different start can round apart."""
+    m = sentencepiece_model_pb2.ModelProto.FromString(proto)
+    n = m.normalizer_spec
+    return (m.trainer_spec.model_type == m.trainer_spec.BPE and n.name == "identity" and not n.precompiled_charsmap
+            and n.escape_whitespaces and not n.add_dummy_prefix and not n.remove_extra_whitespaces
+            and not m.trainer_spec.treat_whitespace_as_suffix
+            and all("\u2581" not in p.piece.lstrip("\u2581") for p in m.pieces))
 
 
 def _chunks(texts: Iterable[str | bytes], max_bytes: int, max_chunk_bytes: int):

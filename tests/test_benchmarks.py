@@ -133,3 +133,17 @@ def test_gmm_smoke(tmp_path):
             assert r["max_rel_err"] is None
         if r["impl"] == "dense":
             assert r["vs_dense"] == 1.0
+
+
+def test_data_memory_quick(tmp_path):
+    """Smoke test of experiments/benchmarks/data_memory.py: the 10 MB single-line case, 30 batches, in two fresh
+    processes (build, then prepared); the JSON is strict and every stage's peak is there."""
+    from experiments.benchmarks import data_memory
+
+    out = tmp_path / "rows.json"
+    data_memory.main(["--quick", "--cases", "line100/byte", "--json", str(out)])
+    (row,) = json.loads(out.read_text())
+    assert row["case"] == "line100/byte" and row.get("error") is None and row["error_prepared"] is None
+    assert row["train_documents"] == 1 and row["tokens"] == 30 * 16 * 2048
+    assert 0 < row["rss_imports_mib"] <= row["rss_build_mib"] <= row["rss_iterator_mib"] <= row["rss_peak_mib"]
+    assert row["rss_peak_prepared_mib"] > 0

@@ -4,11 +4,14 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 
 import grain
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from sentencepiece import sentencepiece_model_pb2
 
 from moejax import data, datasets, tokenizer
 from moejax.data import DataConfig
@@ -62,6 +65,10 @@ def same(xs, ys):
     return len(xs) == len(ys) and all(np.array_equal(x[k], y[k]) for x, y in zip(xs, ys) for k in data.FEATURES)
 
 
+SPM_TEXTS = ["def f(x):\n    return  x  + 1  # héllo wörld\n\n\tclass A:  pass", "  leading and trailing  ",
+             "nospaces" * 9, "日本語 ✓ 🙂 \n \n  ", "a", " "]  # SentencePiece cuts before ' ' after a non-space
+
+
 # ------------------------------------------------------------------ tokenizers
 
 
@@ -90,16 +97,69 @@ def test_sentencepiece_trained_by_the_module_command(corpus, tmp_path):
         assert tok.token_bytes[ids].sum() == len(tok.decode(ids).encode("utf-8"))
     assert tok.token_bytes[tok.eos_id] == 0 and not tok.token_bytes[tok.n_pieces:].any()
     assert len(tok.encode("def return héllo")) < len("def return héllo".encode())  # it learned merges
+    assert tok.cuts_at_spaces and all(np.array_equal(np.concatenate(list(tok.encode_chunks(t, 3))), tok.encode(t))
+                                      for t in SPM_TEXTS)
     clone = pickle.loads(pickle.dumps(tok))  # grain worker processes receive it pickled
     assert np.array_equal(clone.encode(text), tok.encode(text)) and np.array_equal(clone.token_bytes, tok.token_bytes)
+
+
+@pytest.fixture(scope="module")
+def spm():
+    return data.get_tokenizer(DataConfig(tokenizer="pypi_spm8k"))
+
+
+def test_encode_chunks_concatenate_to_encode(spm, tmp_path):
+    rng = np.random.default_rng(0)
+    alphabet = [*b" \n\t  ab(x)=1", *"é日🙂".encode(), 0xff, 0xe6, 0x80]  # and bytes that are not UTF-8
+    texts = [*SPM_TEXTS, *(bytes(rng.choice(alphabet, rng.integers(1, 200))) for _ in range(100))]
+    assert spm.cuts_at_spaces  # BPE, identity normalizer, no dummy prefix, '▁' only at the start of pieces
+    proto = sentencepiece_model_pb2.ModelProto.FromString(spm.__getstate__()["proto"])
+    proto.normalizer_spec.add_dummy_prefix = True  # then a cut would add a '▁': such models encode whole
+    (tmp_path / "prefix.model").write_bytes(proto.SerializeToString())
+    prefixed = tokenizer.SentencePieceTokenizer(str(tmp_path / "prefix.model"))
+    assert not prefixed.cuts_at_spaces
+    for tok in (tokenizer.ByteTokenizer(), spm, prefixed):
+        for i, text in enumerate(texts):
+            chunk_bytes = 1 + i % 11
+            chunks = list(tok.encode_chunks(text, chunk_bytes))
+            assert all(c.dtype == np.int32 for c in chunks)
+            assert np.array_equal(np.concatenate(chunks), tok.encode(text)), (text, chunk_bytes)
+            if tok is spm and b" x " in (text if isinstance(text, bytes) else text.encode()):
+                assert len(chunks) > 1  # it did cut
+    assert len(list(prefixed.encode_chunks(SPM_TEXTS[0], 4))) == 1
 
 
 # ------------------------------------------------------------------ packing
 
 
-def pack(docs, seq_len, tok=tokenizer.ByteTokenizer()):
-    ds = grain.MapDataset.source([{"text": d} for d in docs]).map(data.Tokenize(tok, "text"))
-    return list(data.PackIterDataset(ds.to_iter_dataset(), seq_len))
+def packer(docs, seq_len, tok=tokenizer.ByteTokenizer(), chunk_bytes=data.CHUNK_BYTES):
+    return data.PackIterDataset(grain.MapDataset.source([{"text": d} for d in docs]).to_iter_dataset(), tok, "text",
+                                seq_len, chunk_bytes)
+
+
+def pack(docs, seq_len, tok=tokenizer.ByteTokenizer(), chunk_bytes=data.CHUNK_BYTES):
+    return list(packer(docs, seq_len, tok, chunk_bytes))
+
+
+def reference_rows(docs, seq_len, tok):
+    """The packing of moejax.data's docstring, written out: every document tokenized whole, its (input,
+    target) pairs [EOS, t_1..t_n] / [t_1..t_n, EOS] concatenated with the others' and cut into rows."""
+    pairs = []  # (document, input, target)
+    for i, d in enumerate(docs):
+        s = [tok.eos_id, *tok.encode(d).tolist(), tok.eos_id]
+        pairs += [(i, a, b) for a, b in zip(s[:-1], s[1:])]
+    rows = []
+    for lo in range(0, len(pairs), seq_len):
+        row = {k: np.zeros(seq_len, np.int32) for k in data.FEATURES[:4]}
+        segment, previous = 0, None
+        for j, (doc, a, b) in enumerate(pairs[lo:lo + seq_len]):
+            segment, position = (segment, position + 1) if doc == previous else (segment + 1, 0)
+            previous = doc
+            for k, v in zip(data.FEATURES[:4], (a, b, segment, position)):
+                row[k][j] = v
+        row["weights"] = (row["segment_ids"] > 0).astype(np.float32)
+        rows.append(row)
+    return rows
 
 
 def test_packing_by_hand():
@@ -133,17 +193,27 @@ def test_packing_targets_are_next_tokens_of_the_same_document():
         assert all(r["positions"][s] == 0 for s in starts)
 
 
-def test_pack_state_resumes_at_every_row():
+@pytest.mark.parametrize("chunk_bytes", [3, 1 << 20])  # documents cut into chunks, or each in one
+def test_pack_state_resumes_at_every_row(chunk_bytes):
     docs = ["x" * n + str(n) for n in (1, 5, 17, 3, 40, 2)]
-    ds = grain.MapDataset.source([{"text": d} for d in docs]).map(data.Tokenize(tokenizer.ByteTokenizer(), "text"))
-    packed = data.PackIterDataset(ds.to_iter_dataset(), 8)
+    packed = packer(docs, 8, chunk_bytes=chunk_bytes)
     rows, it = list(packed), iter(packed)
-    for k in range(len(rows) + 1):
+    assert same(rows, reference_rows(docs, 8, tokenizer.ByteTokenizer()))
+    for k in range(len(rows) + 1):  # rows 4-9 cut the 42-byte document: states inside it
         resumed = iter(packed)
         resumed.set_state(json.loads(json.dumps(it.get_state())))
         assert same(list(resumed), rows[k:]), k
         if k < len(rows):
             next(it)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 4, 16, 1 << 20])
+@pytest.mark.parametrize("seq_len", [3, 16])
+def test_chunked_packing_matches_whole_documents(spm, chunk_bytes, seq_len):
+    """Documents shorter and longer than chunk_bytes (and rows): the same rows as tokenizing each one whole."""
+    docs = ["x" * n + str(n) for n in (1, 5, 17, 3, 40, 2)] + SPM_TEXTS + [""]  # "": one pair, EOS -> EOS
+    for tok in (tokenizer.ByteTokenizer(), spm):
+        assert same(pack(docs, seq_len, tok, chunk_bytes), reference_rows(docs, seq_len, tok)), tok
 
 
 def test_epoch_has_every_token_once(corpus):
@@ -180,6 +250,94 @@ def test_resume_from_state(corpus, steps):
     resumed = data.train_iterator(corpus, tok, process_index=0, process_count=1)
     resumed.set_state(state)
     assert same(take(resumed, 8), ahead)
+
+
+def long_line_dir(root, n_bytes):
+    """A text_dir of one single-line file of n_bytes in train and one small file in validation (val 0.02)."""
+    root.mkdir()
+    line = "def f(x): return x + 42  # héllo ".encode()
+    (root / "long.txt").write_bytes((line * (n_bytes // len(line) + 1))[:n_bytes])
+    (root / "small30.txt").write_text("a small validation file " * 20)
+    assert not datasets.is_validation("long.txt", 0.02) and datasets.is_validation("small30.txt", 0.02)
+    return root
+
+
+def test_resume_inside_a_long_document(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CHUNK_BYTES", 1000)
+    cfg = DataConfig(source="text_dir", text_dir=str(long_line_dir(tmp_path / "c", 40_000)),
+                     tfds_data_dir=str(tmp_path / "tfds"), seq_len=16, batch_size=4)
+    tok = data.get_tokenizer(cfg)
+    it = data.train_iterator(cfg, tok, process_index=0, process_count=1)
+    take(it, 300)  # 1200 rows: the second shuffle window, 16384 tokens into the document
+    state = json.loads(json.dumps(it.get_state()))
+    assert state["parent_window_start_state"]["offset"] == 1024 * 16  # inside the document, past 16 chunks
+    ahead = take(it, 8)
+    resumed = data.train_iterator(cfg, tok, process_index=0, process_count=1)
+    resumed.set_state(state)
+    assert same(take(resumed, 8), ahead)
+    assert all(b["weights"].all() for b in ahead)
+
+
+MEMORY_CHILD = """
+import resource, sys, threading, time
+def watchdog():  # a regression must not take the shared machine's memory: stop at twice the bound
+    while resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 2 * 2**20:
+        time.sleep(0.01)
+    print("over 2 GiB", flush=True)
+    import os; os._exit(3)
+threading.Thread(target=watchdog, daemon=True).start()
+from moejax import data
+cfg = data.DataConfig(source="text_dir", text_dir=sys.argv[1], tfds_data_dir=sys.argv[2], seq_len=2048,
+                      batch_size=16)
+it = data.train_iterator(cfg, data.get_tokenizer(cfg), process_index=0, process_count=1)
+for _ in range(int(sys.argv[3])):
+    next(it)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_long_single_line_file_in_bounded_memory(tmp_path):
+    """A 20 MB single-line file: build, then batches through the end of the document and into its next
+    epoch, under 1 GB resident (before chunked streaming and a bounded read-ahead: 500 read-ahead copies
+    of its 160 MB of int32 inputs and targets). The peak is measured by the benchmark data_memory.py."""
+    n_bytes = 20_000_000
+    root = long_line_dir(tmp_path / "c", n_bytes)
+    steps = n_bytes // (2048 * 16) + 20
+    child = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(root), str(tmp_path / "tfds"), str(steps)],
+                           capture_output=True, text=True, timeout=120)
+    assert child.returncode == 0, child.stdout + child.stderr[-3000:]
+    peak_mib = int(child.stdout.split()[-1])
+    assert peak_mib * 2**20 < 1e9, peak_mib
+
+
+# ------------------------------------------------------------------ corpus identity
+
+
+def test_corpus_identity(tmp_path, corpus, tiny_tfds):
+    ident = data.corpus_identity(corpus)
+    assert json.loads(json.dumps(ident)) == ident == data.corpus_identity(corpus)
+    assert {k: v for k, v in ident.items() if k != "content_sha256"} == {
+        "source": "text_dir", "builder": "moejax_text_dir", "version": "1.1.0", "config": None}
+    want = datasets.text_files.ContentHash()  # a function of the files' paths and contents only
+    for split, files in datasets.split_files(datasets.text_dir_files(corpus.text_dir), VAL).items():
+        for p in files:
+            want.update(split, p, datasets.text_files.read_text(corpus.text_dir, p))
+    assert ident["content_sha256"] == want.hexdigest()
+    # The same files elsewhere (another path, new mtimes, another tfds dir): another cache key, the same corpus.
+    copy = tmp_path / "copy"
+    shutil.copytree(corpus.text_dir, copy, copy_function=shutil.copy)
+    moved = DataConfig(**{**corpus.__dict__, "text_dir": str(copy), "tfds_data_dir": str(tmp_path / "tfds")})
+    assert data._builder(moved).builder_config.name != data._builder(corpus).builder_config.name
+    assert data.corpus_identity(moved) == ident
+    edited = copy / "dir1" / "sub1" / "file01.txt"
+    edited.write_text(edited.read_text() + "!")
+    assert data.corpus_identity(moved)["content_sha256"] != ident["content_sha256"]
+    # A tfds dataset records no content hash: its builder and split sizes stand in.
+    t = data.corpus_identity(tiny_tfds)
+    assert json.loads(json.dumps(t)) == t and set(t) == {"source", "builder", "version", "config", "splits"}
+    assert (t["builder"], t["version"], t["config"]) == ("tiny_lines", "1.0.0", None)
+    assert {k: v["num_examples"] for k, v in t["splits"].items()} == {"train": 30, "test": 6}
+    assert all(v["num_bytes"] > 0 for v in t["splits"].values())
 
 
 # ------------------------------------------------------------------ hosts
@@ -263,6 +421,8 @@ def test_stdlib_split_and_build(tmp_path):
     val_paths = {builder.as_data_source("validation")[i]["path"].decode() for i in range(len(split["validation"]))}
     assert val_paths == set(split["validation"])
     assert next(data.train_iterator(cfg, data.get_tokenizer(cfg), process_index=0, process_count=1))["weights"].all()
+    ident = data.corpus_identity(cfg)
+    assert ident["config"] == builder.builder_config.name and len(ident["content_sha256"]) == 64
 
 
 # ------------------------------------------------------------------ tfds datasets

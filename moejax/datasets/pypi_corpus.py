@@ -65,9 +65,8 @@ from typing import Iterable, Iterator, NamedTuple
 
 import tensorflow_datasets as tfds
 
-from moejax.datasets.text_files import is_validation
+from moejax.datasets.text_files import SPLITS, ContentHash, is_validation
 
-SPLITS = ("train", "validation")
 VAL_FRACTION = 0.1
 TEXT_SUFFIXES = (".py", ".pyi", ".pyx", ".pxd", ".rst", ".md", ".txt")
 MAX_FILE_BYTES = 1 << 20
@@ -438,28 +437,6 @@ def documents(download_dir: str, dists: Iterable[Dist] | None = None) -> Iterato
                     continue
                 seen.add(digest)
                 yield split, prefix + info.filename, text
-
-
-class ContentHash:
-    """The content hash of documents fed split by split in path order, and each split's documents and bytes."""
-
-    def __init__(self):
-        self.sha = {s: hashlib.sha256() for s in SPLITS}
-        self.docs, self.bytes = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
-
-    def update(self, split: str, path: str, text: str | bytes):
-        data = text.encode("utf-8") if isinstance(text, str) else text
-        self.sha[split].update(path.encode("utf-8") + b"\0" + data + b"\0")
-        self.docs[split] += 1
-        self.bytes[split] += len(data)
-
-    def hexdigest(self) -> str:
-        return hashlib.sha256("".join(f"{s} {h.hexdigest()}\n" for s, h in self.sha.items()).encode()).hexdigest()
-
-    def metadata(self) -> dict:
-        return {"content_sha256": self.hexdigest(),
-                **{s: {"documents": self.docs[s], "bytes": self.bytes[s], "sha256": self.sha[s].hexdigest()}
-                   for s in SPLITS}}
 
 
 @dataclasses.dataclass

@@ -233,6 +233,11 @@ def main(argv) -> None:
     f = flags.FLAGS
     if not f["verbosity"].present:  # jax logs at INFO that the (absent) local TPU did not initialise
         logging.set_verbosity(logging.WARNING)
+    if f.json:  # before the compile, which can take minutes
+        where = os.path.dirname(os.path.abspath(f.json))
+        if not os.path.isdir(where) or not os.access(where, os.W_OK):
+            sys.exit(f"moejax: error: --json={f.json}: {where} is not a directory you can write to; allowed: a "
+                     f"file path in an existing writable directory")
     try:
         r = compile_report(f.config, f.topology, parse_mesh(f.mesh))
     except (ValueError, FileNotFoundError) as e:
@@ -253,16 +258,6 @@ def main(argv) -> None:
                  f"model.remat=True, or split parameters over more devices (--mesh=fsdp=...)")
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with a one-line error (ml_collections' nearest key) for an unknown --config.a.b."""
-    try:
-        return flags.FLAGS(argv)
-    except KeyError as e:  # config_flags: an override of a key the config does not have
-        sys.exit(f"moejax: error: unknown --config override: {' '.join(str(e.args[0]).split())}")
-    except flags.Error as e:
-        sys.exit(f"moejax: error: {e}")
-
-
 def run():
     config_flags.DEFINE_config_file("config", None, "Experiment config file, optionally :arg.")
     flags.DEFINE_string("topology", None, f"TPU topology, e.g. {', '.join(KNOWN_EXAMPLES)}.")
@@ -270,7 +265,9 @@ def run():
                         "the remaining devices.")
     flags.DEFINE_string("json", None, "Write the report as JSON to this file.")
     flags.mark_flags_as_required(["config", "topology"])
-    app.run(main, flags_parser=_parse_flags)
+    from moejax import config as config_lib
+
+    app.run(main, flags_parser=config_lib.parse_cli_flags)
 
 
 if __name__ == "__main__":

@@ -203,16 +203,82 @@ def to_typed(config: ml_collections.ConfigDict) -> RunConfig:
                      mesh=_build(sharding.MeshConfig, c.get("mesh", {}), "config.mesh"), vocab_size=vocab)
 
 
+def flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested config dict -> [('a.b', value), ...] (tuples as lists, as in JSON)."""
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += flatten(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", list(v) if isinstance(v, tuple) else v))
+    return out
+
+
 def incompatible(saved: dict, current: dict) -> list[str]:
     """Keys ('a.b') whose values differ between two config dicts, except RUN_CONTROL keys."""
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-        return out
-    a, b = flat(saved), flat(current)
+    a, b = dict(flatten(saved)), dict(flatten(current))
     return [f"{k}: saved {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
             if k not in RUN_CONTROL and a.get(k) != b.get(k)]
+
+
+def expand_user_flags(argv: list[str]) -> list[str]:
+    """'--flag=~/x' -> '--flag=/home/me/x' (the shell leaves a '~' after '=' alone), and '--flag ~/x' alike."""
+    import os
+
+    out = []
+    for i, a in enumerate(argv):
+        name, eq, value = a.partition("=")
+        if a.startswith("--") and eq and value.startswith("~"):
+            a = f"{name}={os.path.expanduser(value)}"
+        elif a.startswith("~") and i and argv[i - 1].startswith("--") and "=" not in argv[i - 1]:
+            a = os.path.expanduser(a)
+        out.append(a)
+    return out
+
+
+def _config_spec(argv: list[str]) -> str | None:
+    """The value of --config=SPEC or --config SPEC in argv, if any."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def check_cli_config(argv: list[str]) -> None:
+    """Load --config and check every --config.a.b override names a key it has, before absl parses the flags
+    (which would print a traceback): a ValueError / FileNotFoundError naming the key or file otherwise."""
+    spec = _config_spec(argv)
+    if not spec:
+        return  # absl reports the missing required flag
+    config = load(spec)
+    for key in (a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")):
+        node, path = config, []
+        for part in key.split("."):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in keys:
+                near = difflib.get_close_matches(part, keys, n=1, cutoff=0.0)
+                hint = f"; did you mean --config.{'.'.join(path + near)}?" if near else ""
+                raise ValueError(f"--config.{key}: the config has no key {'.'.join(path + [part])}{hint}")
+            node, path = node[part], path + [part]
+
+
+def parse_cli_flags(argv: list[str]) -> list[str]:
+    """absl flags parser for moejax's command lines (app.run(main, flags_parser=parse_cli_flags)): '~' expanded
+    in flag values; a missing config file, an error in its get_config (e.g. an unknown method=), an unknown or
+    ill-typed --config override and any other flag error end with one line `moejax: error: ...`, exit 1."""
+    import sys
+
+    from absl import flags
+
+    argv = expand_user_flags(argv)
+    try:
+        check_cli_config(argv[1:])
+        return flags.FLAGS(argv)
+    except (ValueError, FileNotFoundError, KeyError, AttributeError, TypeError) as e:
+        text = str(e.args[0]) if isinstance(e, (KeyError, AttributeError)) and e.args else str(e)
+        sys.exit(f"moejax: error: {' '.join(text.split())}")
+    except flags.Error as e:  # the last line of a wrapped error is the error itself
+        lines = [l.strip() for l in str(e).splitlines() if l.strip() and not l.strip().startswith("File ")]
+        sys.exit(f"moejax: error: {lines[-1] if lines else e}")

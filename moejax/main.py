@@ -8,13 +8,18 @@ elsewhere give --coordinator_address=HOST:PORT --num_processes=N --process_id=I 
 JAX_NUM_PROCESSES, JAX_PROCESS_ID). Each process reads its own share of every batch; --workdir must be a
 directory all processes share.
 
-An override of a key the config does not have is an error naming the nearest valid key. Bad input
-(config values, data, an incompatible checkpoint, a non-finite loss) ends with a one-line error and exit
-status 1; SIGTERM / Ctrl-C checkpoint first and exit with 128 + the signal number.
+An override of a key the config does not have is an error naming the nearest valid key; '~' is expanded
+in flag values. Bad input (config values, data, an incompatible checkpoint, a non-finite loss, a workdir
+another run holds or that cannot be written) ends with a one-line error and exit status 1; SIGTERM /
+Ctrl-C checkpoint first and exit with 128 + the signal number.
+
+Resuming with deliberately changed hyper-parameters (e.g. after a non-finite loss: a lower learning rate
+from the last good checkpoint): repeat the command with the new values and name the changed keys,
+  python -m moejax.main --config=... --workdir=W --config.train.lr=1e-4 --allow_changes=train.lr
+Only train.* keys may change; every change is recorded in W/history.jsonl.
 """
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 
@@ -26,27 +31,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-process: HOST:PORT of process 0.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
+_ALLOW_CHANGES = flags.DEFINE_list(
+    "allow_changes", [], "Resume: config keys (e.g. train.lr,train.warmup_steps) whose values may differ from the "
+    "checkpoint's; the changes are recorded in WORKDIR/history.jsonl.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def check_overrides(argv: list[str]) -> None:
-    """SystemExit naming the nearest valid key for a --config.a.b override the config does not have."""
-    spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-    if not spec or not overrides or not os.path.exists(spec.partition(":")[0]):
-        return  # absl reports a missing or unreadable --config itself
-    from moejax import config as config_lib
-
-    config = config_lib.load(spec)
-    for key in overrides:
-        node, path = config, []
-        for part in key.split("."):
-            keys = list(node.keys()) if hasattr(node, "keys") else []
-            if part not in keys:
-                near = difflib.get_close_matches(part, keys, n=1, cutoff=0.0)
-                hint = f"; did you mean --config.{'.'.join(path + near)}?" if near else ""
-                sys.exit(f"moejax: error: --config.{key}: the config has no key {'.'.join(path + [part])}{hint}")
-            node, path = node[part], path + [part]
 
 
 def main(argv):
@@ -57,19 +45,25 @@ def main(argv):
 
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO; keep the terminal readable
         logging.set_verbosity(logging.WARNING)
-    os.makedirs(_WORKDIR.value, exist_ok=True)
+    workdir = _WORKDIR.value
     try:
-        summary = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
+        summary = train.train_and_evaluate(_CONFIG.value, workdir, allow_changes=_ALLOW_CHANGES.value)
+    except (ValueError, FileNotFoundError, train.NonFiniteLossError, train.WorkdirBusyError) as e:
         sys.exit(f"moejax: error: {e}")
+    except OSError as e:  # e.g. the workdir: missing permissions, a file in the way, a full disk
+        where = os.path.abspath(e.filename) if e.filename else os.path.abspath(workdir)
+        mine = where.startswith(os.path.abspath(os.path.expanduser(workdir)))
+        sys.exit(f"moejax: error: {where}: {e.strerror or e}"
+                 + (f" (--workdir={workdir}; use a directory you can write to)" if mine else ""))
     if summary["interrupted"]:
         import signal
         sys.exit(128 + signal.Signals[summary["interrupted"]].value)
 
 
 def run():
-    check_overrides(sys.argv[1:])
-    app.run(main)
+    from moejax import config as config_lib
+
+    app.run(main, flags_parser=config_lib.parse_cli_flags)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,26 @@ def _finite(v: float):
     return v if math.isfinite(v) else None
 
 
+def truncate_jsonl(path: str, step: int) -> None:
+    """Drop the rows of metrics.jsonl after `step` (a resumed run redoes those steps) and any line cut short,
+    atomically; a missing file stays missing."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    def kept(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+            return False
+    keep = [l for l in lines if kept(l)]
+    if len(keep) < len(lines):
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(l if l.endswith("\n") else l + "\n" for l in keep)
+        os.replace(tmp, path)
+
+
 def read_jsonl(path: str) -> list[dict]:
     """metrics.jsonl rows; for a step logged twice (a resumed run), the later row wins."""
     rows = {}

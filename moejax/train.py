@@ -7,18 +7,30 @@ expert load, outside the gradient. Routing randomness at step s uses fold_in(PRN
 resumed from a checkpoint (parameters, optimiser state, router biases, data iterator state) computes the
 same losses as an uninterrupted one.
 
-Workdir: checkpoints/ (orbax; also the config), metrics.jsonl, TensorBoard events, config.json.
-SIGTERM (preemption) and SIGINT (Ctrl-C) save a checkpoint and return; a non-finite loss stops the run
-before it is checkpointed (the last good checkpoint stays).
+Workdir: checkpoints/ (orbax: state, data position, config, and meta = corpus identity and cumulative
+wall time), metrics.jsonl, TensorBoard events, config.json, history.jsonl (one line per start, resume with
+its allowed config changes, and stop), lock.
+- One run per workdir: process 0 holds an exclusive lock on WORKDIR/lock for the whole run (the OS drops
+  it when the process dies); a second run is refused naming the holder.
+- A workdir is resumed only with the config of its checkpoint (or, before the first checkpoint, of its
+  config.json), except RUN_CONTROL keys and the train.* keys named in `allow_changes`; and only on the
+  same corpus (data.corpus_identity). metrics.jsonl rows after the resumed step are dropped, so the
+  metrics never mix two configs or list a step twice.
+- SIGTERM (preemption) and SIGINT (Ctrl-C) save a checkpoint and return. A non-finite loss, or a state
+  (parameters, optimiser moments, router biases) with a non-finite value, stops the run without saving
+  it: every checkpoint is finite, and the error names the last one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import math
 import os
 import signal
+import socket
 import time
 from typing import Any
 
@@ -50,6 +62,10 @@ class IncompatibleCheckpointError(ValueError):
 
 class CorruptCheckpointError(ValueError):
     """The latest checkpoint in the workdir cannot be read."""
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another run holds the workdir's lock."""
 
 
 def lr_schedule(t: config_lib.TrainConfig) -> optax.Schedule:
@@ -100,6 +116,7 @@ class Trainer:
         model_sharding = {k: self.state_sharding[k] for k in ("params", "rest")}
         self._jit_eval_step = jax.jit(self._eval_step, in_shardings=(model_sharding, self.batch_sharding),
                                       out_shardings=self.replicated)
+        self._jit_finite = jax.jit(_all_finite, out_shardings=self.replicated)
 
     def _init(self) -> dict:
         model = model_lib.Transformer(self.model_config, rngs=nnx.Rngs(params=self.seed))
@@ -129,6 +146,11 @@ class Trainer:
     def eval_step(self, state, batch):
         with sharding.use(self.mesh):
             return self._jit_eval_step(state, batch)
+
+    def is_finite(self, state) -> bool:
+        """Whether every floating-point value of the state (parameters, optimiser moments, biases) is finite."""
+        with sharding.use(self.mesh):
+            return bool(self._jit_finite(state))
 
     def lower_train_step(self, batch_size: int, seq_len: int):
         """jax.stages.Lowered of one training step on abstract inputs (moejax.aot compiles it for a TPU)."""
@@ -227,6 +249,12 @@ class Trainer:
         return out
 
 
+def _all_finite(tree) -> jax.Array:
+    """[] bool: no NaN or inf in any floating-point leaf of tree."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 class _Signals:
     """Records SIGTERM / SIGINT instead of dying, so the loop can checkpoint and return."""
 
@@ -266,14 +294,44 @@ def _read(mngr, step, **args):
             f"checkpoint (saved steps: {list(mngr.all_steps())}), or use a new --workdir.") from e
 
 
-def _restore(mngr, step, trainer, config_dict, train_iter):
-    """Restore the state at `step` (returned) and train_iter's position, refusing a checkpoint of another config."""
-    read = functools.partial(_read, mngr, step)
-    diff = config_lib.incompatible(read(config=ocp.args.JsonRestore())["config"], config_dict)
-    if diff:
+def _changes(saved: dict, current: dict, allow_changes, where: str) -> dict:
+    """{key: [saved, now]} of the allowed differences between two config dicts; IncompatibleCheckpointError
+    for any other difference (RUN_CONTROL keys may always change)."""
+    diff = config_lib.incompatible(saved, current)
+    refused = [d for d in diff if d.split(":")[0] not in allow_changes]
+    if refused:
         raise IncompatibleCheckpointError(
-            f"{mngr.directory} holds a checkpoint (step {step}) of a different config; refusing to resume or "
-            f"overwrite it. Use a new --workdir, or the saved config. Differences: " + "; ".join(diff))
+            f"{where} is of a different config; refusing to resume or overwrite it. Use a new --workdir, the "
+            f"saved config, or name deliberate train.* changes in --allow_changes (allow_changes=). Differences: "
+            + "; ".join(refused))
+    flat = lambda d: dict(config_lib.flatten(d))
+    a, b = flat(saved), flat(current)
+    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if k in allow_changes and a.get(k) != b.get(k)}
+
+
+def check_allow_changes(allow_changes, config_dict: dict) -> tuple[str, ...]:
+    """The keys of allow_changes, each a train.* key of the config (ValueError naming it otherwise)."""
+    keys = dict(config_lib.flatten(config_dict))
+    for key in allow_changes:
+        if not key.startswith("train.") or key not in keys:
+            train_keys = sorted(k for k in keys if k.startswith("train."))
+            raise ValueError(f"allow_changes: {key!r} is invalid; allowed: train.* keys of the config (a change "
+                             f"of the model, data or seed makes a different experiment): {train_keys}")
+    return tuple(allow_changes)
+
+
+def _restore(mngr, step, trainer, config_dict, train_iter, allow_changes=(), corpus=None):
+    """Restore the state at `step` and train_iter's position, refusing a checkpoint of another config or corpus
+    or with a non-finite value. -> (state, meta {'wall_s', 'corpus'}, allowed config changes {key: [old, new]})."""
+    read = functools.partial(_read, mngr, step)
+    where = f"the checkpoint (step {step}) in {mngr.directory}"
+    changes = _changes(read(config=ocp.args.JsonRestore())["config"], config_dict, allow_changes, where)
+    has_meta = os.path.isdir(os.path.join(str(mngr.directory), str(step), "meta"))  # older checkpoints: none
+    meta = read(meta=ocp.args.JsonRestore())["meta"] if has_meta else {}
+    if corpus is not None and meta.get("corpus") not in (None, corpus):
+        raise IncompatibleCheckpointError(
+            f"{where} was trained on another corpus: saved {meta['corpus']}, now {corpus}. The data changed since "
+            f"(validation losses would not compare); resume on the same data, or use a new --workdir.")
     import glob
     import grain
 
@@ -284,8 +342,14 @@ def _restore(mngr, step, trainer, config_dict, train_iter):
             f"checkpoint step {step} in {mngr.directory} holds the data positions of {n_saved[0]} processes; "
             f"this run has {jax.process_count()}. Each process reads its own documents, so resume with "
             f"{n_saved[0]} processes (any mesh), or use a new --workdir.")
-    return read(state=ocp.args.StandardRestore(trainer.abstract_state()),
-                data=grain.checkpoint.CheckpointRestore(train_iter))["state"]
+    state = read(state=ocp.args.StandardRestore(trainer.abstract_state()),
+                 data=grain.checkpoint.CheckpointRestore(train_iter))["state"]
+    if not trainer.is_finite(state):  # written before moejax checked states before saving
+        raise CorruptCheckpointError(
+            f"{where} holds NaN or inf values; nothing was changed. Move {os.path.join(str(mngr.directory), str(step))}"
+            f" aside to resume from the previous checkpoint (saved steps: {list(mngr.all_steps())}), or use a new "
+            f"--workdir.")
+    return state, meta, changes
 
 
 @dataclasses.dataclass
@@ -356,12 +420,54 @@ def _subset(full: nnx.State, like: nnx.State) -> nnx.State:
     return nnx.from_flat_state([(p, flat[p]) for p, _ in nnx.to_flat_state(like)])
 
 
-def _save(mngr, step, state, train_iter, config_dict):
+def _save(mngr, step, state, train_iter, config_dict, meta):
     import grain  # data: one file per process (process_I-of-N.json), as each process reads its own documents
 
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                             data=grain.checkpoint.CheckpointSave(train_iter),
-                                            config=ocp.args.JsonSave(config_dict)), force=True)
+                                            config=ocp.args.JsonSave(config_dict),
+                                            meta=ocp.args.JsonSave(meta)), force=True)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+    """Hold an exclusive lock on workdir/lock (process 0 only: on multi-host the workdir is shared) for the
+    with-block; WorkdirBusyError naming the holder (pid, host, start) if another run has it. The OS releases
+    the lock when the holder exits or is killed, so a dead run never blocks its resume."""
+    if jax.process_index() != 0:
+        yield
+        return
+    path = os.path.join(workdir, "lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "a process that has not written its name"
+            raise WorkdirBusyError(f"{os.path.abspath(workdir)} is in use by another run ({holder}); wait for it to "
+                                   f"finish or stop it, or use another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                  .encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _write_json_atomic(path: str, obj) -> None:
+    """Write obj as JSON to path through a temporary file and a rename: readers see the old or the new file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _history(workdir: str, event: str, step: int, **info) -> None:
+    """Append one line to workdir/history.jsonl: what happened to the run and when."""
+    row = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "event": event, "step": step, "host": socket.gethostname(),
+           "pid": os.getpid(), **info}
+    with open(os.path.join(workdir, "history.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
 
 
 def _host_metrics(window: list[dict]) -> tuple[dict, dict]:
@@ -372,17 +478,33 @@ def _host_metrics(window: list[dict]) -> tuple[dict, dict]:
     return scalars, arrays
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | None = None) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool | None = None,
+                       allow_changes=()) -> dict:
     """Train config (moejax.config layout) in workdir, resuming from its latest checkpoint.
 
-    Returns a summary {'steps', 'tokens', 'val_loss', 'val_bpb', 'wall_s', 'interrupted'} where
-    interrupted is None or the name of the signal that stopped the run (after checkpointing).
+    allow_changes: train.* keys (e.g. 'train.lr') whose values may differ from the checkpoint's, to resume
+    with deliberately changed hyper-parameters; each change is recorded in workdir/history.jsonl.
+    Returns a summary {'steps', 'tokens', 'val_loss', 'val_bpb', 'wall_s', 'interrupted'}: wall_s is the
+    wall time of every part of the run up to its last checkpoint and this part; interrupted is None or the
+    name of the signal that stopped the run (after checkpointing).
     """
     from moejax import data as data_lib  # tfds + grain: only the full training run needs them
 
     start = time.time()
+    if not workdir:
+        raise ValueError(f"workdir={workdir!r} is invalid; allowed: the path of a directory (created if missing)")
+    workdir = os.path.expanduser(workdir)
     run = config_lib.to_typed(config)
     config_dict = json.loads(config.to_json()) if isinstance(config, ml_collections.ConfigDict) else dict(config)
+    allow_changes = check_allow_changes(allow_changes, config_dict)
+    chief = jax.process_index() == 0  # writes metrics, config.json, history and the progress bar
+    os.makedirs(workdir, exist_ok=True)
+    with workdir_lock(workdir):
+        return _train(run, config_dict, workdir, progress, allow_changes, chief, start, data_lib)
+
+
+def _train(run, config_dict, workdir, progress, allow_changes, chief, start, data_lib) -> dict:
+    """train_and_evaluate with the workdir locked."""
     t = run.train
     tokenizer = data_lib.get_tokenizer(run.data)
     mesh = sharding.make_mesh(run.mesh)
@@ -391,19 +513,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     train_iter = data_lib.train_iterator(run.data, tokenizer)  # this process's rows
     eval_set = data_lib.eval_batches(run.data, tokenizer)
     final_set = data_lib.eval_batches(run.data, tokenizer, final=True) if run.data.final_eval_steps else eval_set
-    chief = jax.process_index() == 0  # writes metrics, config.json and the progress bar
     token_bytes = np.asarray(tokenizer.token_bytes, np.float32)
+    corpus = data_lib.corpus_identity(run.data)
 
     mngr = _checkpoint_manager(workdir, t)
     step = mngr.latest_step() or 0
+    config_path = os.path.join(workdir, "config.json")
     if step:
-        state = _restore(mngr, step, trainer, config_dict, train_iter)
+        state, meta, changes = _restore(mngr, step, trainer, config_dict, train_iter, allow_changes, corpus)
         _log(f"resumed from step {step} in {mngr.directory}")
-    else:
+    else:  # no checkpoint yet: a config.json left by an earlier start must be of this config
+        changes, meta = {}, {}
+        if os.path.isfile(config_path):
+            with open(config_path) as f:
+                saved = json.load(f)
+            changes = _changes(saved, config_dict, allow_changes, f"{config_path} (no checkpoint yet)")
         state = trainer.init()
+    prior_wall = float(meta.get("wall_s", 0.0))
     if chief:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump(config_dict, f, indent=1)
+        _write_json_atomic(config_path, config_dict)
+        metrics_lib.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), step)  # rows of lost steps
+        _history(workdir, "resume" if step else "start", step, corpus=corpus, **({"changes": changes} if changes else {}))
 
     writer = metrics_lib.MetricWriter(workdir) if chief else _NoWriter()
     tokens_per_step = run.data.batch_size * run.data.seq_len
@@ -411,8 +541,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     devices = jax.devices()
     peak = (t.peak_flops or metrics_lib.peak_flops(devices[0].device_kind)) * len(devices)
     bar = _progress(step, t.steps, progress if chief else False)
-    window, last_ok, summary = [], step, {"interrupted": None}
+    window, summary = [], {"interrupted": None}
     window_start, timed = time.time(), -1  # steps timed for tokens/s; -1: the first (compiling) step
+    stop = "error"
     try:
         with _Signals() as signals:
             while step < t.steps and signals.received is None:
@@ -427,7 +558,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
                 log_now = step % t.log_every == 0 or step == t.steps
                 save_now = step % t.checkpoint_every == 0 or step == t.steps
                 if log_now or save_now or signals.received:
-                    _check_finite(window, step, last_ok, mngr)
+                    _check_finite(window, step, mngr)
                 if log_now:
                     scalars, arrays = _host_metrics(window)
                     dt = time.time() - window_start
@@ -446,23 +577,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
                     bar.write(f"step {step}: val_loss {ev['val_loss']:.4f} nats/token, {ev['val_bpb']:.4f} bits/byte")
                     window_start, timed = time.time(), 0  # eval time does not count against tokens/s
                 if save_now or signals.received:
-                    _save(mngr, step, state, train_iter, config_dict)
-                    last_ok = step
+                    if not trainer.is_finite(state):
+                        _non_finite(f"the model state has NaN or inf values after step {step}", mngr)
+                    _save(mngr, step, state, train_iter, config_dict,
+                          {"wall_s": prior_wall + time.time() - start, "corpus": corpus})
                 bar.update(1)
             summary["interrupted"] = signals.received and signals.received.name
             if not summary["interrupted"] and "val_loss" not in summary:  # resumed a finished run
                 summary.update(trainer.evaluate(state, final_set, token_bytes))
+            stop = summary["interrupted"] or "finished"
+    except NonFiniteLossError as e:
+        stop = f"non-finite: {e}"
+        raise
     finally:
         mngr.wait_until_finished()
         mngr.close()
         writer.close()
         bar.close()
-    wall = time.time() - start
+        if chief:
+            _history(workdir, "stop", step, reason=stop, wall_s=round(time.time() - start, 1))
+    wall = prior_wall + time.time() - start
     summary.update(steps=step, tokens=step * tokens_per_step, wall_s=wall)
     val = f"{summary['val_loss']:.4f} nats/token ({summary['val_bpb']:.4f} bits/byte)" if "val_loss" in summary \
         else "not evaluated"
-    stop = f"stopped by {summary['interrupted']} (checkpoint saved), " if summary["interrupted"] else ""
-    _log(f"{stop}{step} steps, {step * tokens_per_step:,} tokens, final val loss {val}, {wall:.0f} s wall"
+    stopped = f"stopped by {summary['interrupted']} (checkpoint saved), " if summary["interrupted"] else ""
+    _log(f"{stopped}{step} steps, {step * tokens_per_step:,} tokens, final val loss {val}, {wall:.0f} s wall"
          + (f", mesh {dict(mesh.shape)}" if mesh.size > 1 else ""))
     return summary
 
@@ -482,14 +621,27 @@ class _NoWriter:
         pass
 
 
-def _check_finite(window: list[dict], step: int, last_ok: int, mngr) -> None:
+def _check_finite(window: list[dict], step: int, mngr) -> None:
+    """NonFiniteLossError if a training loss of the window (steps step - len(window) + 1 .. step) is NaN/inf."""
     losses = [float(m["loss"]) for m in jax.device_get(window)]
     for i, loss in enumerate(losses):
         if not math.isfinite(loss):
-            bad = step - len(losses) + i + 1
-            raise NonFiniteLossError(
-                f"training loss is {loss} at step {bad}; stopped. The last good checkpoint is step {last_ok} in "
-                f"{mngr.directory} (lower train.lr or raise train.warmup_steps, then resume or start anew)")
+            _non_finite(f"training loss is {loss} at step {step - len(losses) + i + 1}", mngr)
+
+
+def _non_finite(what: str, mngr) -> None:
+    """NonFiniteLossError: what happened, and the last checkpoint (every saved one is finite) with how to
+    resume from it."""
+    mngr.wait_until_finished()
+    last = mngr.latest_step()
+    if last is None:
+        where = "No checkpoint was saved before it: run again"
+    else:
+        where = (f"The last good checkpoint is step {last} in {mngr.directory}: resume from it (or from an earlier "
+                 f"one, moving the later ones aside)")
+    advice = (f"{where} with a lower learning rate, e.g. --config.train.lr=LR --allow_changes=train.lr (or a longer "
+              f"warmup, train.warmup_steps)")
+    raise NonFiniteLossError(f"{what}; stopped without saving it. {advice}")
 
 
 def _progress(step: int, total: int, enable: bool | None):

@@ -202,14 +202,6 @@ def test_unknown_config_key_names_nearest(path, bad, near):
         config_lib.to_typed(c)
 
 
-def test_unknown_override_names_nearest_key(capsys):
-    with pytest.raises(SystemExit, match=r"--config\.train\.lr_max.*did you mean --config\.train\.lr\?"):
-        main_lib.check_overrides([f"--config={TABLE1}:method=hash", "--config.train.lr_max=1"])
-    with pytest.raises(SystemExit, match=r"model\.moe\.n_expert.*did you mean --config\.model\.moe\.n_experts"):
-        main_lib.check_overrides([f"--config={TABLE1}", "--config.model.moe.n_expert=4"])
-    main_lib.check_overrides([f"--config={TABLE1}", "--config.model.moe.n_experts=4"])  # valid: no exit
-
-
 @pytest.mark.parametrize("arg,match", [("method=moe", "method='moe'"), ("scale=huge", "scale='huge'"),
                                        ("size=tiny", "size=tiny")])
 def test_bad_config_argument(arg, match):
@@ -258,11 +250,12 @@ def test_smoke_loss_falls_and_outputs(corpus, tmp_path):
 def test_incompatible_checkpoint_is_refused_and_kept(corpus, tmp_path):
     w = tmp_path / "w"
     train.train_and_evaluate(tiny(corpus, tmp_path, steps=4), str(w))
-    before = {p: p.stat().st_mtime_ns for p in w.rglob("*")}
+    mtimes = lambda: {p: p.stat().st_mtime_ns for p in w.rglob("*") if p.name != "lock"}  # lock: the holder's name
+    before = mtimes()
     other = tiny(corpus, tmp_path, method="gshard", steps=8)
     with pytest.raises(train.IncompatibleCheckpointError, match=r"model\.moe\.n_experts: saved 63, now 16"):
         train.train_and_evaluate(other, str(w))
-    assert {p: p.stat().st_mtime_ns for p in w.rglob("*")} == before
+    assert mtimes() == before
     # Run-control keys may change on resume.
     more = tiny(corpus, tmp_path, steps=4, log_every=2, eval_every=50)
     assert train.train_and_evaluate(more, str(w))["steps"] == 4
@@ -287,12 +280,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(corpus, tmp_path):
     c = tiny(corpus, tmp_path, method="dense", steps=8, lr=1e30, warmup_steps=0, clip_norm=0.0, checkpoint_every=1,
              log_every=4)
     w = tmp_path / "w"
-    with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+); stopped\. The last good checkpoint") as e:
+    with pytest.raises(train.NonFiniteLossError, match=r"(at step|after step) (\d+); stopped without saving it\. "
+                                                       r"The last good checkpoint") as e:
         train.train_and_evaluate(c, str(w))
-    bad = int(re.search(r"at step (\d+)", str(e.value)).group(1))
+    bad = int(re.search(r"(at|after) step (\d+)", str(e.value)).group(2))
     saved = sorted(_steps_saved(w))
-    assert bad >= 2 and saved[-1] == bad - 1  # every finite step was saved (checkpoint_every=1), no later one
-    assert f"last good checkpoint is step {bad - 1}" in str(e.value)
+    assert saved[-1] < bad and f"last good checkpoint is step {saved[-1]} in" in str(e.value)
+    assert saved == list(range(1, saved[-1] + 1))  # every finite step was saved (checkpoint_every=1)
 
 
 def _cli(workdir, corpus, tmp, *extra):

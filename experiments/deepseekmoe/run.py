@@ -84,7 +84,11 @@ def run_config(variant: str, scale: str, seed: int, overrides: dict, budget: sui
             parent = parent[part]
         if path[-1] not in parent:
             raise ValueError(f"--set {key}: the config has no key {path[-1]!r}; allowed: {sorted(parent.keys())}")
-        parent[path[-1]] = value
+        try:
+            parent[path[-1]] = value
+        except TypeError as e:  # ConfigDict keeps each key's type
+            raise ValueError(f"--set {key}={value!r} is invalid; allowed: a value of the key's type "
+                             f"{type(parent[path[-1]]).__name__} (e.g. {parent[path[-1]]!r})") from e
     return c
 
 
@@ -247,13 +251,13 @@ def train_run(row: suites.Row, scale: str, seed: int, overrides: dict, workdir: 
     run_dir = os.path.join(workdir, "runs", row.variant, *([f"s{budget.steps}"] if budget else []), f"seed{seed}")
     print(f"  {name}: training in {run_dir}", flush=True)
     os.makedirs(run_dir, exist_ok=True)
-    start = time.time()
     summary = train.train_and_evaluate(config, run_dir, progress=False)
+    trained = time.time()  # wall_s: the training's (every part of a resumed run) plus what follows it
     if summary["interrupted"]:
         return {"interrupted": summary["interrupted"]}
     result = {"variant": row.variant, "label": row.label, "seed": seed, "scale": scale, "config": config_dict,
               "commit": commit(), "jax": jax.__version__, "device": jax.devices()[0].device_kind,
-              "host": platform.node(), "wall_s": time.time() - start, "train_wall_s": summary["wall_s"],
+              "host": platform.node(), "wall_s": summary["wall_s"], "train_wall_s": summary["wall_s"],
               "steps": summary["steps"], "tokens": summary["tokens"], "val_loss": summary["val_loss"],
               "val_bpb": summary["val_bpb"], "val_tokens": summary["val_tokens"], **model_facts(config),
               "init_gate_mass": init_gate_mass(config), "curves": curves(run_dir)}
@@ -262,13 +266,13 @@ def train_run(row: suites.Row, scale: str, seed: int, overrides: dict, workdir: 
             result[key] = summary[key].tolist()
     if row.evals:
         result["evals"] = {}
-        trained = train.load_checkpoint(run_dir)
+        ck = train.load_checkpoint(run_dir)
         for ev_name, changes in suites.evals(config_dict["model"]["moe"]).items():
-            ev = trained.with_moe(**changes).evaluate()
+            ev = ck.with_moe(**changes).evaluate()
             result["evals"][ev_name] = {"changes": changes, "val_loss": ev["val_loss"], "val_bpb": ev["val_bpb"],
                                         "val_tokens": ev["val_tokens"]}
             print(f"    eval {ev_name}: val_loss {ev['val_loss']:.4f}", flush=True)
-        result["wall_s"] = time.time() - start
+        result["wall_s"] = summary["wall_s"] + time.time() - trained
     if budget:
         result["budget_steps"] = budget.steps
     write_result(path, result)
@@ -361,7 +365,7 @@ def main(argv=None):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     split = lambda text: [x for x in text.split(",") if x]
     try:
-        stopped = run_suite(args.suite, args.scale, args.seeds, args.workdir, split(args.only),
+        stopped = run_suite(args.suite, args.scale, args.seeds, os.path.expanduser(args.workdir), split(args.only),
                             parse_set(split(args.set)), args.report, args.commit)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"experiments.deepseekmoe.run: error: {e}")

@@ -212,7 +212,7 @@ def main(argv=None):
     p.add_argument("--vocab_size", type=int, default=8192)
     p.add_argument("--model_type", default="bpe", choices=("bpe", "unigram"))
     p.add_argument("--max_bytes", type=int, default=200_000_000, help="train on at most this much text")
-    p.add_argument("--output", required=True, help="the .model file to write")
+    p.add_argument("--output", required=True, type=os.path.expanduser, help="the .model file to write")
     a = p.parse_args(argv)
     cfg = data.DataConfig(source=a.source, text_dir=a.text_dir, tfds_name=a.tfds_name,
                           tfds_data_dir=a.tfds_data_dir, text_key=a.text_key, train_split=a.train_split,

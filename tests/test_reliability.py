@@ -174,13 +174,22 @@ def fresh_flags():
     (["--config", f"{TABLE1}:method=hash", "--config.train.stepz=3"], r"--config\.train\.stepz: the config has no "
                                                                       r"key train\.stepz; did you mean --config\.train\.steps\?"),
     ([f"--config={TABLE1}", "--config.model.moe.n_expert=4"], r"did you mean --config\.model\.moe\.n_experts\?"),
-    ([f"--config={TABLE1}", "--config.train.steps=abc"], r"steps"),
+    ([f"--config={TABLE1}", "--config.train.steps=abc"], r"--config\.train\.steps=abc: invalid literal for int"),
 ])
-def test_cli_config_errors_are_one_line(fresh_flags, args, match):
+def test_cli_config_errors_are_one_line(fresh_flags, monkeypatch, args, match):
+    argv = ["moejax.main", "--workdir=/tmp/unused", *args]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags finds the --config.* overrides in sys.argv
     with pytest.raises(SystemExit) as e:
-        config_lib.parse_cli_flags(["moejax.main", "--workdir=/tmp/unused", *args])
+        config_lib.parse_cli_flags(argv)
     message = str(e.value.code)
     assert message.startswith("moejax: error: ") and "\n" not in message and re.search(match, message), message
+
+
+def test_cli_valid_overrides_and_tilde_parse(fresh_flags, monkeypatch):
+    argv = ["moejax.main", "--workdir=~/run", "--config", f"{TABLE1}:method=hash", "--config.model.moe.n_experts=4"]
+    monkeypatch.setattr(sys, "argv", argv)
+    config_lib.parse_cli_flags(argv)
+    assert flags.FLAGS.config.model.moe.n_experts == 4 and flags.FLAGS.workdir == os.path.expanduser("~/run")
 
 
 def test_cli_workdir_errors_are_one_line(tmp_path):

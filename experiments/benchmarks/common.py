@@ -22,7 +22,7 @@ def machine_line() -> str:
 def write_json(path: str, rows: list[dict]) -> None:
     """Rows as a JSON list, NaN written as null (strict JSON)."""
     nan_to_null = lambda v: None if isinstance(v, float) and v != v else v
-    with open(path, "w") as fh:
+    with open(os.path.expanduser(path), "w") as fh:
         json.dump([{k: nan_to_null(v) for k, v in r.items()} for r in rows], fh, indent=1)
     print(f"wrote {len(rows)} rows to {path}")
 

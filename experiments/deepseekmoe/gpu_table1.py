@@ -229,12 +229,12 @@ def pack(work: str, out: str, extra: list[str]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", help="folder for the 5 output files (created)")
+    p.add_argument("--out", type=os.path.expanduser, help="folder for the 5 output files (created)")
     p.add_argument("--download_wheels", default="", help="only fetch the wheels the GPU machine needs into this "
                    "folder (run it where pip reaches PyPI, before the device call)")
     p.add_argument("--work", default="/tmp/moejax_gpu_table1", help="scratch folder: wheels' site, the suite's "
                    "workdir (WORK/table1_gpu; an existing one is resumed)")
-    p.add_argument("--wheels", default="", help="folder of wheels to install first (the device call's .whl)")
+    p.add_argument("--wheels", default="", type=os.path.expanduser, help="folder of wheels to install first (the device call's .whl)")
     p.add_argument("--smoke", action="store_true", help=f"a 2-step run of a 1-layer model ({SMOKE})")
     p.add_argument("--budget_s", type=float, default=480.0, help="SIGTERM the suite this many seconds after the "
                    "start (the device call's limit is 600 s)")

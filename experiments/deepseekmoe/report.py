@@ -687,8 +687,8 @@ def main(argv=None):
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workdir", help="results directory of experiments.deepseekmoe.run")
-    parser.add_argument("--out", default=None, help="output directory (default: WORKDIR/report)")
+    parser.add_argument("--workdir", type=os.path.expanduser, help="results directory of experiments.deepseekmoe.run")
+    parser.add_argument("--out", default=None, type=os.path.expanduser, help="output directory (default: WORKDIR/report)")
     parser.add_argument("--results-md", action="store_true", help="regenerate the generated blocks of RESULTS.md")
     parser.add_argument("--check", action="store_true", help="with --results-md: only check, exit 1 if stale")
     args = parser.parse_args(argv)

@@ -354,7 +354,7 @@ def main(argv=None):
     p.add_argument("--suite", required=True, help=f"one of {tuple(suites.SUITES)}")
     p.add_argument("--scale", default="tiny", help=f"one of {suites.SCALES}")
     p.add_argument("--seeds", type=int, default=3, help="seeds 0 .. seeds - 1 of every variant")
-    p.add_argument("--workdir", required=True, help="results directory of this suite (created; resumed if present)")
+    p.add_argument("--workdir", required=True, type=os.path.expanduser, help="results directory of this suite (created; resumed if present)")
     p.add_argument("--only", default="", help="comma-separated variants of the suite to train (default: all)")
     p.add_argument("--set", default="", help="comma-separated config overrides for every run, key=value (e.g. "
                                              "train.steps=50); recorded in suite.json")
@@ -365,7 +365,7 @@ def main(argv=None):
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     split = lambda text: [x for x in text.split(",") if x]
     try:
-        stopped = run_suite(args.suite, args.scale, args.seeds, os.path.expanduser(args.workdir), split(args.only),
+        stopped = run_suite(args.suite, args.scale, args.seeds, args.workdir, split(args.only),
                             parse_set(split(args.set)), args.report, args.commit)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"experiments.deepseekmoe.run: error: {e}")

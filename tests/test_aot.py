@@ -172,7 +172,7 @@ def test_cli_errors_are_one_line():
     for args, needle in [((tiny, "--topology=v9z:2x2"), "'v9z:2x2'"),
                          ((tiny, "--topology=v5e:2x2", "--mesh=data=8"), "has 8 devices but 4"),
                          ((tiny, "--topology=v5e:2x2", "--mesh=dta=4"), "--mesh='dta=4' is invalid"),
-                         ((tiny, "--topology=v5e:2x2", "--config.trian.steps=3"), 'Did you mean "train"')]:
+                         ((tiny, "--topology=v5e:2x2", "--config.trian.steps=3"), "did you mean --config.train?")]:
         p = _cli(*args)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr

@@ -633,8 +633,10 @@ def results_block(name: str, results_dir: str = RESULTS_DIR, loaded: tuple | Non
     meta, results = loaded or load_results(workdir)
     suite = suites.get_suite(meta["suite"])
     md, _ = tables(suite, meta, summarise(suite, results), results)
-    parts = [f"Results: `results/{name}/results/` ({len(results)} runs; suite `{meta['suite']}`, scale "
-             f"`{meta['scale']}`" + (f", overrides `{meta['set']}`" if meta.get("set") else "") + ").", "", md.strip()]
+    runs = f"{len(results)} run" + ("s" if len(results) != 1 else "")
+    overrides = f", overrides `{meta['set']}`" if meta.get("set") else ""
+    parts = [f"Results: `results/{name}/results/` ({runs}; suite `{meta['suite']}`, scale `{meta['scale']}`"
+             f"{overrides}).", "", md.strip()]
     if suite.budgets:
         parts += ["", "Where each claim holds along the token budgets:", "", sweep_sentences(suite, results)]
     figs = [f"![{alt}](results/{name}/report/{fig}.png)" for fig, alt in FIGURES

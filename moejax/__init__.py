@@ -1,5 +1,46 @@
 """moejax: Mixture-of-Experts language models in JAX/Flax NNX (GShard to DeepSeekMoE and DeepSeek-V3)."""
-from moejax import balance, dispatch, experts, routing
-from moejax.moe import PRESETS, MoE, MoEConfig, MoEStats, preset
+import glob as _glob
+import os as _os
+
+
+def _default_platform_env() -> None:
+    """Quiet, lighter CPU runs where libtpu is installed but no TPU is attached. Runs on `import moejax`.
+
+    Why: the test extra installs jax[tpu] (libtpu) so that tests compile for TPU topologies ahead of time
+    (moejax.aot). jax then starts a TPU backend in every process, and libtpu, on a machine without a TPU,
+    prints "could not determine TPU accelerator type" and "E0000 ... INVALID_ARGUMENT: unexpected worker
+    hostname" on every CPU run (and costs ~0.1 GB and ~0.3 s per process). Without a TPU attached (no
+    Google TPU PCI device, as jax itself checks; no /dev/accel*, no /dev/vfio/*):
+    - JAX_PLATFORMS defaults to 'cpu' when no GPU is visible either, so no TPU backend is started. Read when
+      jax is imported: entry points and tests/conftest.py import moejax first;
+    - libtpu's host description defaults to one TPU-less host (any valid accelerator type: a topology
+      description carries its own), so that where libtpu still loads (topology descriptions for moejax.aot,
+      a GPU machine, a script that imported jax first) it skips the GCE metadata server, finds its
+      settings, and takes no /tmp/libtpu_lockfile (compiling needs no chip; a pytest-xdist worker or
+      another run may hold it). Read when the backend starts, so it also works after `import jax`.
+    Only defaults: a variable already set wins, and nothing changes on a machine with a TPU attached.
+    """
+    tpu_pci_ids = {"0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076"}  # jax hardware_utils
+    for vendor in _glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor) as f, open(_os.path.join(_os.path.dirname(vendor), "device")) as g:
+                if f.read().strip() == "0x1ae0" and g.read().strip() in tpu_pci_ids:
+                    return
+        except OSError:
+            continue
+    if _glob.glob("/dev/accel*") or _glob.glob("/dev/vfio/*"):
+        return
+    gpu_devices = ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+    if not any(_os.path.exists(d) for d in gpu_devices):
+        _os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_ACCELERATOR_TYPE", "v5p-8"),
+                       ("TPU_WORKER_HOSTNAMES", "localhost"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+        _os.environ.setdefault(key, value)
+
+
+_default_platform_env()
+
+from moejax import balance, dispatch, experts, routing  # noqa: E402
+from moejax.moe import PRESETS, MoE, MoEConfig, MoEStats, preset  # noqa: E402
 
 __version__ = "0.1.0"

@@ -11,10 +11,15 @@ padding to blocks ('blocked'), D x the rows under expert parallelism (the receiv
 all D devices could send), and for 'ragged_dot' a weight gradient over every local expert group (XLA:TPU
 lowers the transposed ragged dot to a dense masked convolution). The Pallas kernels ('pallas', the TPU
 default) report 2 m k n per grouped matmul over the whole buffer through their cost estimates.
+
+Memory: compiling a paper-scale step takes the TPU compiler 4-6 GiB that it keeps for the life of the
+process, so those tests compile in a process of their own (`report_in_subprocess`) and check its report
+here (tests/conftest.py keeps each test process small).
 """
 import importlib.util
 import json
 import math
+import os
 import pathlib
 import subprocess
 import sys
@@ -58,6 +63,31 @@ def config(name: str, arg: str | None = None, **overrides):
             node = node[part]
         node[last] = value
     return c
+
+
+_COMPILE_REPORT = """
+import json, sys
+import jax
+from moejax import aot
+from tests.test_aot import config
+name, arg, overrides, topology, mesh, out = json.loads(sys.argv[1])
+with jax.default_matmul_precision("default"):  # as the training_precision fixture
+    report = aot.compile_report(config(name, arg, **overrides), topology, mesh)
+with open(out, "w") as f:
+    json.dump(report, f)
+"""
+
+
+def report_in_subprocess(tmp_path, topology: str, mesh: dict | None, name: str, arg: str | None = None,
+                         **overrides) -> tuple:
+    """(config(name, arg, **overrides), aot.compile_report of it for `topology` and `mesh`), compiled in a
+    fresh Python process (module docstring: memory); the report comes back as JSON, as `--json` writes it."""
+    out = tmp_path / "report.json"
+    p = subprocess.run([sys.executable, "-c", _COMPILE_REPORT,
+                        json.dumps([name, arg, overrides, topology, mesh, str(out)])],
+                       cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stderr[-5000:]
+    return config(name, arg, **overrides), json.loads(out.read_text())
 
 
 def trainer_for(c, topology: str, mesh: dict | None = None) -> train.Trainer:
@@ -162,6 +192,24 @@ def test_cpu_devices_unchanged():
     assert jax.numpy.ones(3).sum() == 3
 
 
+def test_cpu_runs_are_quiet_without_a_tpu():
+    """On a machine without a TPU, `import moejax` (before jax) keeps libtpu quiet: no TPU backend started
+    on CPU runs, and a topology description initialises libtpu without its metadata-server errors."""
+    from jax._src import hardware_utils
+
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+        pytest.skip("a TPU is attached: moejax leaves libtpu's environment alone")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("TPU_", "JAX_PLATFORMS", "ALLOW_MULTIPLE_LIBTPU_LOAD"))}
+    code = ("import moejax, jax; from jax.experimental import topologies; print(jax.default_backend()); "
+            "print(len(topologies.get_topology_desc('v5e:2x2', 'tpu').devices))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["cpu", "4"]
+    for noise in ("could not determine", "unexpected worker hostname", "E0000", "libtpu_lockfile"):
+        assert noise not in p.stderr, p.stderr
+
+
 def _cli(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "moejax.aot", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
@@ -209,44 +257,43 @@ def test_flops_scan_correction_matches_analytic_dense():
 # ----- paper-scale configs ------------------------------------------------------------------------------
 
 
-def test_table1_paper_deepseekmoe_on_v5e_2x2():
+def test_table1_paper_deepseekmoe_on_v5e_2x2(tmp_path):
     """(a) Table-1 DeepSeekMoE at paper scale (2.0B parameters) on 4 v5e chips, parameters and Adam moments
     split 4 ways (fsdp), one sequence per chip per micro-batch (grad_accum 512), blocks rematerialised:
     16.26 GiB per chip, just over the 16 GiB of a v5e chip (5.75 GiB of parameters and moments, 2 x 1.9 GiB
     of float32 gradients). 'blocked' experts: the default 'ragged_dot' needs 17.60 GiB and 13x the FLOPs
     (module docstring). On v5e:2x4 (fsdp=8, grad_accum 256) it fits: 12.74 GiB per chip."""
     mesh = {"fsdp": 4}
-    c = config("deepseekmoe_table1", "method=deepseekmoe,scale=paper", model__vocab_size=8192,
-               model__remat=True, train__grad_accum=512, model__moe__backend="blocked")
-    r = aot.compile_report(c, "v5e:2x2", mesh)
+    c, r = report_in_subprocess(tmp_path, "v5e:2x2", mesh, "deepseekmoe_table1", "method=deepseekmoe,scale=paper",
+                                model__vocab_size=8192, model__remat=True, train__grad_accum=512,
+                                model__moe__backend="blocked")
     check_report(r, c, "v5e:2x2", mesh, "blocked")
     assert (r["chips"], r["device_kind"], r["hbm_bytes"]) == (4, "TPU v5 lite", 16 * GIB)
     assert not r["fits"] and 16 * GIB < r["total_bytes"] < 20 * GIB
 
 
-def test_table1_paper_expert_parallel_on_v5p_4x4x4():
+def test_table1_paper_expert_parallel_on_v5p_4x4x4(tmp_path):
     """(b) The same model with expert parallelism on 64 v5p chips: 63 routed experts padded to 64 slots,
     4 per chip (expert=16), fsdp=4, the default TPU backends (the Pallas grouped matmul, ragged_all_to_all).
     The kernels' FLOPs are their cost estimates, 2 m k n over the whole static receive buffer (they skip
     its zero padding when they run)."""
     mesh = {"fsdp": 4, "expert": 16}
-    c = config("deepseekmoe_table1", "method=deepseekmoe,scale=paper", model__vocab_size=8192,
-               model__remat=True, train__grad_accum=32, model__moe__pad_experts_to=16)
-    r = aot.compile_report(c, "v5p:4x4x4", mesh)
+    c, r = report_in_subprocess(tmp_path, "v5p:4x4x4", mesh, "deepseekmoe_table1", "method=deepseekmoe,scale=paper",
+                                model__vocab_size=8192, model__remat=True, train__grad_accum=32,
+                                model__moe__pad_experts_to=16)
     check_report(r, c, "v5p:4x4x4", mesh, "pallas")
     assert r["mesh"] == {"data": 1, "fsdp": 4, "expert": 16, "tensor": 1} and r["fits"]
 
 
-def test_deepseekmoe_16b_fits_v5p_4x4x4():
+def test_deepseekmoe_16b_fits_v5p_4x4x4(tmp_path):
     """(c) configs/deepseekmoe_16b.py as documented there: fits a v5p chip's 95 GiB on v5p:4x4x4."""
-    c = config("deepseekmoe_16b")
-    r = aot.compile_report(c, "v5p:4x4x4")
+    c, r = report_in_subprocess(tmp_path, "v5p:4x4x4", None, "deepseekmoe_16b")
     check_report(r, c, "v5p:4x4x4", None, "pallas")
     assert r["fits"] and r["hbm_bytes"] == 95 * GIB and r["chips"] == 64
     assert r["active_params"] == pytest.approx(2.62e9, rel=0.01)
 
 
-def test_table1_proxy_deepseekmoe_fits_v5e_2x4():
+def test_table1_proxy_deepseekmoe_fits_v5e_2x4(tmp_path):
     """(d) The `proxy` scale of configs/deepseekmoe_table1.py as configured there, on the v5e-8 it is sized for:
     DeepSeekMoE, 8 layers, d 512, 8K vocabulary, 256 x 1024 tokens per step in grad_accum=2 micro-batches
     (16 sequences per chip each), parameters and AdamW moments split 8 ways (fsdp=8), bf16. Measured: 10.68 GiB
@@ -256,8 +303,7 @@ def test_table1_proxy_deepseekmoe_fits_v5e_2x4():
     This compiles the full step as the config trains it, 160-200 s on 2 busy CPU cores: a step with fewer
     layers or micro-batches is not much cheaper (2 of the 8 layers: 120 s; the time goes to the large
     per-chip shapes), so no cheaper check would test the configured fit."""
-    c = config("deepseekmoe_table1", "method=deepseekmoe,scale=proxy")
-    r = aot.compile_report(c, "v5e:2x4")
+    c, r = report_in_subprocess(tmp_path, "v5e:2x4", None, "deepseekmoe_table1", "method=deepseekmoe,scale=proxy")
     check_report(r, c, "v5e:2x4", None, "pallas", padding=384 / 352)
     assert (r["chips"], r["mesh"]["fsdp"], r["grad_accum"]) == (8, 8, 2)
     assert r["fits"] and r["total_bytes"] < 0.8 * r["hbm_bytes"]

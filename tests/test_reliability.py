@@ -247,3 +247,13 @@ def test_aot_checks_json_path_and_overrides_before_compiling(tmp_path):
         assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
         lines = [l for l in proc.stderr.splitlines() if l.startswith("moejax: error:")]
         assert len(lines) == 1 and re.search(match, lines[0]), proc.stderr[-2000:]
+
+
+def test_cpu_run_prints_no_libtpu_noise():
+    """With libtpu installed (the test extra) and no TPU attached, importing moejax keeps libtpu quiet."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TPU_", "JAX_PLATFORMS", "ALLOW_MULTIPLE"))}
+    proc = subprocess.run([sys.executable, "-c", "import moejax, jax; print(jax.numpy.ones(2).sum())"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "2.0", proc.stderr
+    for noise in ("could not determine TPU accelerator type", "unexpected worker hostname", "E0000"):
+        assert noise not in proc.stderr, proc.stderr

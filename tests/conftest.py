@@ -74,25 +74,21 @@ def _release_after_each_module():
     _release_compiled_programs()
 
 
-@pytest.fixture(autouse=True)
-def _release_when_large():
-    yield
-    if _rss_mib() > RELEASE_ABOVE_MIB:
-        _release_compiled_programs()
-
-
 _LAST = [time.monotonic()]
 
 
-def pytest_runtest_logfinish(nodeid, location):
-    path = os.environ.get("MOEJAX_TEST_RSS_LOG")
-    if not path:
-        return
-    now = time.monotonic()
-    with open(path, "a") as f:
-        f.write(f"{_process_name()} {_rss_mib()} {_peak_rss_mib()} {_peak_rss_mib(resource.RUSAGE_CHILDREN)} "
-                f"{now - _LAST[0]:.1f} {nodeid}\n")
-    _LAST[0] = now
+@pytest.fixture(autouse=True)
+def _release_when_large(request):
+    yield
+    rss = _rss_mib()
+    if log := os.environ.get("MOEJAX_TEST_RSS_LOG"):
+        now = time.monotonic()
+        with open(log, "a") as f:
+            f.write(f"{_process_name()} {rss} {_peak_rss_mib()} {_peak_rss_mib(resource.RUSAGE_CHILDREN)} "
+                    f"{now - _LAST[0]:.1f} {request.node.nodeid}\n")
+        _LAST[0] = now
+    if rss > RELEASE_ABOVE_MIB:
+        _release_compiled_programs()
 
 
 # ----- peak resident memory of each test process, printed in the terminal summary ---------------------------

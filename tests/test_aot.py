@@ -1,9 +1,9 @@
 """Ahead-of-time compiles of the full training step for TPU topologies through libtpu (moejax.aot), on a
 machine without a TPU: memory per chip, FLOPs per step, the fit check and the CLI's errors.
 
-Importing moejax.aot sets libtpu's environment (a single TPU-less host, no lockfile) before jax loads its
-backends: pytest collects this module first and conftest only imports jax. CPU tests keep running on CPU
-(test_cpu_devices_unchanged).
+Importing moejax sets libtpu's environment (a single TPU-less host, no lockfile) and JAX_PLATFORMS=cpu on a
+machine without a TPU (moejax/__init__.py; tests/conftest.py imports it before jax). CPU tests keep running
+on CPU (test_cpu_devices_unchanged), and quietly (test_cpu_runs_are_quiet_without_a_tpu).
 
 FLOPs: XLA counts what is compiled. For a dense model that is the analytic 6 N + attention (checked to 5%);
 for dropless MoE layers it is every row of the static dispatch buffers (`compiled_flops` below): worst-case
@@ -12,9 +12,9 @@ all D devices could send), and for 'ragged_dot' a weight gradient over every loc
 lowers the transposed ragged dot to a dense masked convolution). The Pallas kernels ('pallas', the TPU
 default) report 2 m k n per grouped matmul over the whole buffer through their cost estimates.
 
-Memory: compiling a paper-scale step takes the TPU compiler 4-6 GiB that it keeps for the life of the
-process, so those tests compile in a process of their own (`report_in_subprocess`) and check its report
-here (tests/conftest.py keeps each test process small).
+Memory: compiling a paper-scale step takes 4-5 GiB (DeepSeekMoE-16B on v5p:4x4x4: 11 GiB), much of which
+the process keeps, so those tests compile in a process of their own (`report_in_subprocess`) and check its
+report here: the pytest(-xdist) processes stay small (tests/conftest.py).
 """
 import importlib.util
 import json
@@ -32,7 +32,7 @@ if importlib.util.find_spec("libtpu") is None:
 
 import jax  # noqa: E402
 
-from moejax import aot  # noqa: E402  (sets the libtpu environment)
+from moejax import aot  # noqa: E402
 from moejax import config as config_lib  # noqa: E402
 from moejax import dispatch  # noqa: E402
 from moejax import sharding  # noqa: E402

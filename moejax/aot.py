@@ -22,37 +22,14 @@ that does not fit in HBM end with a one-line error and exit status 1.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
+import sys
+import time
 
-
-def _quiet_libtpu() -> None:
-    """Tell libtpu it is on a single TPU-less host so that it initialises without querying GCE metadata
-    (else it logs errors at exit) and without the single-process lock on the (absent) chips. Must run
-    before jax loads its backends; skipped on a machine with TPU chips attached, where libtpu finds the
-    real values itself."""
-    try:
-        from jax._src import hardware_utils
-
-        has_tpu = hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
-    except Exception:  # private helper moved: assume a TPU-less machine
-        has_tpu = False
-    if not has_tpu:
-        os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-        os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-        # another process (e.g. a pytest-xdist worker) may hold /tmp/libtpu_lockfile: compiling needs no chip
-        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-
-_quiet_libtpu()
-
-import json  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 GIB = 2**30
 # HBM per chip, GiB, from Google Cloud's TPU pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e: 32, 16,

@@ -304,9 +304,8 @@ def _changes(saved: dict, current: dict, allow_changes, where: str) -> dict:
             f"{where} is of a different config; refusing to resume or overwrite it. Use a new --workdir, the "
             f"saved config, or name deliberate train.* changes in --allow_changes (allow_changes=). Differences: "
             + "; ".join(refused))
-    flat = lambda d: dict(config_lib.flatten(d))
-    a, b = flat(saved), flat(current)
-    return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if k in allow_changes and a.get(k) != b.get(k)}
+    a, b = dict(config_lib.flatten(saved)), dict(config_lib.flatten(current))
+    return {k: [a.get(k), b.get(k)] for k in sorted(allow_changes) if a.get(k) != b.get(k)}
 
 
 def check_allow_changes(allow_changes, config_dict: dict) -> tuple[str, ...]:
@@ -488,8 +487,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     wall time of every part of the run up to its last checkpoint and this part; interrupted is None or the
     name of the signal that stopped the run (after checkpointing).
     """
-    from moejax import data as data_lib  # tfds + grain: only the full training run needs them
-
     start = time.time()
     if not workdir:
         raise ValueError(f"workdir={workdir!r} is invalid; allowed: the path of a directory (created if missing)")
@@ -500,11 +497,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     chief = jax.process_index() == 0  # writes metrics, config.json, history and the progress bar
     os.makedirs(workdir, exist_ok=True)
     with workdir_lock(workdir):
-        return _train(run, config_dict, workdir, progress, allow_changes, chief, start, data_lib)
+        return _train(run, config_dict, workdir, progress, allow_changes, chief, start)
 
 
-def _train(run, config_dict, workdir, progress, allow_changes, chief, start, data_lib) -> dict:
+def _train(run, config_dict, workdir, progress, allow_changes, chief, start) -> dict:
     """train_and_evaluate with the workdir locked."""
+    from moejax import data as data_lib  # tfds + grain: only the full training run needs them
+
     t = run.train
     tokenizer = data_lib.get_tokenizer(run.data)
     mesh = sharding.make_mesh(run.mesh)

@@ -40,9 +40,9 @@ def device_balance_loss(
     K = expert_ids.shape[-1]
     f = expert_counts(expert_ids, E, mask) * (E / (K * T))
     P = probs.astype(jnp.float32).mean(0)
-    device = jnp.arange(E) // ((n_slots or E) // n_devices)  # [E] device of each expert
-    f_dev = jax.ops.segment_sum(f, device, n_devices) / jnp.maximum(jnp.bincount(device, length=n_devices), 1)
-    P_dev = jax.ops.segment_sum(P, device, n_devices)  # [D]
+    on = jnp.arange(E)[None, :] // ((n_slots or E) // n_devices) == jnp.arange(n_devices)[:, None]  # [D, E]
+    f_dev = jnp.sum(jnp.where(on, f, 0.0), -1) / jnp.maximum(on.sum(-1), 1)  # sums, not scatters (TPU)
+    P_dev = jnp.sum(jnp.where(on, P, 0.0), -1)  # [D]
     return jnp.sum(jax.lax.stop_gradient(f_dev) * P_dev)
 
 

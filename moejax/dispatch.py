@@ -65,23 +65,36 @@ def capacity(n_tokens: int, k: int, n_experts: int, capacity_factor: float) -> i
 
 
 def _sorted_assignments(expert_ids, mask, n_experts, priority):
-    """Assignments n = k*T + t sorted by (expert, priority order); masked ones last (expert id E)."""
+    """Assignments n = k*T + t sorted by (expert, priority order); masked ones last (expert id E).
+    Counts [E] by comparison, not bincount (a scatter: element-serial on TPU)."""
     T, K = expert_ids.shape
     ids = jnp.where(mask, expert_ids, n_experts).T.reshape(-1)  # [N] k-major
     order = jnp.arange(T) if priority is None else jnp.argsort(-priority, stable=True)
     by_priority = (jnp.arange(K)[:, None] * T + order[None, :]).reshape(-1)  # [N]
     perm = by_priority[jnp.argsort(ids[by_priority], stable=True)].astype(jnp.int32)
-    counts = jnp.bincount(ids, length=n_experts + 1)[:n_experts]  # [E]
+    counts = jnp.sum(ids[None, :] == jnp.arange(n_experts)[:, None], axis=1, dtype=jnp.int32)  # [E]
     sorted_ids = ids[perm]
     start = jnp.concatenate([jnp.cumsum(counts) - counts, jnp.array([counts.sum()])])
     rank = jnp.arange(T * K) - start[sorted_ids]  # position of each sorted assignment in its expert
     return perm, sorted_ids, rank, counts
 
 
-def _plan(perm, dest, n_rows, T, K, layout):
+def _plan(perm, dest, counts, layout, n_rows, T, K):
+    """The Plan of sorted assignments perm [N] placed at rows dest [N] (n_rows: dropped), each expert's run
+    starting at its layout run start. Gathers and sorts only, no scatter (XLA:TPU runs scatters element by
+    element): row r of expert e at offset c holds sorted assignment cstart[e] + c if c < counts[e], and
+    slot = dest o perm^-1, the inverse permutation taken by argsort."""
     N = T * K
-    row_asg = jnp.full((n_rows,), N, jnp.int32).at[dest].set(perm, mode="drop")
-    slot = jnp.full((N,), n_rows, jnp.int32).at[perm].set(dest.astype(jnp.int32), unique_indices=True)
+    E = counts.shape[0]
+    ends = jnp.cumsum(layout.group_sizes)  # [E] end of each expert's run of rows
+    r = jnp.arange(n_rows)
+    e = jnp.searchsorted(ends, r, side="right")  # [M] expert of each row (E past the last run)
+    ec = jnp.minimum(e, E - 1)
+    offset = r - (ends - layout.group_sizes)[ec]
+    full = (e < E) & (offset < counts[ec])
+    src = jnp.where(full, (jnp.cumsum(counts) - counts)[ec] + offset, 0)
+    row_asg = jnp.where(full, perm[src], N)  # [M] assignment of each row, N if empty
+    slot = dest.astype(jnp.int32)[jnp.argsort(perm)]  # [N]
     empty = row_asg == N
     return Plan(
         layout=layout,
@@ -105,7 +118,7 @@ def capacity_plan(
     each token's top gate). An assignment whose rank in its expert is >= C is dropped.
     """
     T, K = expert_ids.shape
-    perm, sorted_ids, rank, _ = _sorted_assignments(expert_ids, mask, n_experts, priority)
+    perm, sorted_ids, rank, counts = _sorted_assignments(expert_ids, mask, n_experts, priority)
     keep = (sorted_ids < n_experts) & (rank < capacity)
     M = n_experts * capacity
     dest = jnp.where(keep, sorted_ids * capacity + rank, M)
@@ -115,7 +128,7 @@ def capacity_plan(
         block=capacity,
         per_expert=True,
     )
-    return _plan(perm, dest, M, T, K, layout)
+    return _plan(perm, dest, counts, layout, M, T, K)
 
 
 def padded_layout(counts: jax.Array, n_rows: int, block: int) -> tuple[jax.Array, Layout]:
@@ -145,7 +158,7 @@ def dropless_plan(expert_ids: jax.Array, mask: jax.Array, n_experts: int, block:
     M = (T * K + n_experts * (block - 1)) // block * block
     start, layout = padded_layout(counts, M, block)
     dest = jnp.where(sorted_ids < n_experts, start[jnp.minimum(sorted_ids, n_experts - 1)] + rank, M)
-    return _plan(perm, dest, M, T, K, layout)
+    return _plan(perm, dest, counts, layout, M, T, K)
 
 
 def auto_block(n_assignments: int, n_experts: int, max_block: int = 256) -> int:

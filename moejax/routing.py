@@ -84,8 +84,22 @@ def group_limit_mask(select: jax.Array, n_groups: int, topk_groups: int, group_s
     else:
         raise ValueError(f"group_score={group_score!r}; allowed: {GROUP_SCORES}")
     _, keep = jax.lax.top_k(gscore, topk_groups)  # [T, topk_groups]
-    gmask = jnp.zeros((T, n_groups), bool).at[jnp.arange(T)[:, None], keep].set(True)
-    return jnp.repeat(gmask, E // n_groups, axis=1)  # [T, E]
+    return jnp.repeat(one_hot_any(keep, n_groups), E // n_groups, axis=1)  # [T, E]
+
+
+def one_hot_any(ids: jax.Array, n: int) -> jax.Array:
+    """[T, n] bool: True at the ids [T, k] of each row. A compare, not a scatter (XLA:TPU runs scatters
+    element by element, and its cost model cannot price them)."""
+    return jnp.any(ids[..., None] == jnp.arange(n), axis=-2)
+
+
+def take_rows(values: jax.Array, ids: jax.Array) -> jax.Array:
+    """values [T, E] at ids [T, K] -> [T, K], as take_along_axis, but as a one-hot select and sum, whose
+    gradient is a select too: XLA:TPU compiles take_along_axis to an element-serial gather with a
+    scatter-add gradient (issue 15: 12.4 GB, 5.6 ms at T 8192, E 64, K 6 on v5p). Bit-identical: each sum
+    has one term that is not +0."""
+    hit = ids[..., None] == jnp.arange(values.shape[-1])  # [T, K, E]
+    return jnp.sum(jnp.where(hit, values[:, None, :], 0.0), axis=-1)
 
 
 def topk(
@@ -118,12 +132,12 @@ def topk(
     select = s if bias is None else s + jax.lax.stop_gradient(bias.astype(jnp.float32))
     if disable_top:
         _, top = jax.lax.top_k(select, disable_top)  # [T, r]
-        select = select.at[jnp.arange(select.shape[0])[:, None], top].set(-jnp.inf)
+        select = jnp.where(one_hot_any(top, select.shape[-1]), -jnp.inf, select)
     if n_groups > 1:
         allowed = group_limit_mask(select, n_groups, topk_groups, group_score)
         select = jnp.where(allowed, select, -jnp.inf)
     _, expert_ids = jax.lax.top_k(select, k)  # [T, K]
-    gates = jnp.take_along_axis(s, expert_ids, axis=-1)  # [T, K] unbiased scores
+    gates = take_rows(s, expert_ids)  # [T, K] unbiased scores
     if normalize:
         gates = gates / jnp.sum(gates, axis=-1, keepdims=True)
     probs = s if score_fn == "softmax" else s / jnp.sum(s, axis=-1, keepdims=True)

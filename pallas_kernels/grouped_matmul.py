@@ -10,7 +10,8 @@ tgmm is gmm's weight gradient; both carry a custom VJP built from the pair, so a
 works. Options:
 - transpose_rhs: rhs is [G, n, k] and out[r] = lhs[r] @ rhs[i]^T (gmm's input gradient uses it).
 - group_offset (static or traced int): rhs holds only the G_local = rhs.shape[0] groups
-  [group_offset, group_offset + G_local) of the G in group_sizes (an expert-parallel shard's experts).
+  [group_offset, group_offset + G_local) of the G in group_sizes (an expert-parallel shard's experts). A
+  static offset out of 0..G - G_local is an error; a traced one is clipped into that range.
 - Rows of other groups and rows past sum(group_sizes) come out as zeros (gmm), and are ignored (tgmm);
   groups are clipped at row m, so sizes summing to more than m simply end there.
 - float32 or bfloat16 inputs (lhs and rhs alike), float32 accumulation; the output has
@@ -23,13 +24,28 @@ that ahead-of-time compilation for a TPU topology from a CPU host picks the TPU 
   inside jax.shard_map); slow, for tests and small runs.
 `interpret=` (True or a pltpu.InterpretParams) runs the chosen kernels interpreted.
 
-Tiles (tm, tk, tn) default to `default_tiling(platform, m, k, n, dtype)`:
-- TPU: tm = min(m, 512), tk = min(k, 512), tn = min(n, 1024). Blocks are double-buffered in VMEM:
-  2 (tm tk + tk tn + tm tn) bytes + a float32 [tm, tn] accumulator is at most 7 MiB for bfloat16, under
-  every TPU generation's default scoped VMEM (16 MiB on v5e). tgmm uses (tm, tk, tn) likewise with a
-  [tk, tn] accumulator. A partial last tile is masked (k) or clipped on write (m, n).
+Tiles (tm, tk, tn) default to `default_tiling(platform, m, k, n, dtype, op)`, per operation (op 'gmm' or
+'tgmm', the backward kernels included):
+- TPU: tm = min(m, 128) (a row tile holding a group boundary is multiplied once per group: (G - 1) tm
+  extra rows, 16% at the DeepSeekMoE-16B shape, 66% with tm 512); tk = k, the whole contraction, when the
+  blocks fit DEFAULT_VMEM (32 MiB), so that a group's weight block is fetched once per n tile and no k tile
+  is partial (else tk = 2048, 1024, ... and only the last k tile is masked); then the widest n tiles of
+  equal size (multiples of 128) that fit. Blocks are double-buffered in VMEM: 2 (tm tk + tk tn) input
+  bytes + 2 output blocks + a float32 accumulator ([tm, tn] gmm, [tk, tn] tgmm). Examples (bfloat16):
+
+  | shape (m, k, n)                          | op   | tiles (tm, tk, tn) |
+  |------------------------------------------|------|--------------------|
+  | DeepSeekMoE-16B w_in (49152, 2048, 2816) | gmm  | (128, 2048, 2816)  |
+  | the same                                 | tgmm | (128, 2048, 1408)  |
+  | Mixtral w_in (16384, 4096, 28672)        | gmm  | (128, 4096, 1792)  |
+  | Mixtral w_down (16384, 14336, 4096)      | gmm  | (128, 14336, 384)  |
+
 - GPU: tm = tn = 128, tk = 64 (32 for float32), 4 warps, 3 pipeline stages (not tuned on a GPU yet).
-A tiling passed in is clipped to the shapes on TPU (a tile larger than its dimension covers it whole).
+`tiling=` overrides: a (tm, tk, tn) for the forward kernel (backward kernels keep their defaults), or a
+callable (op, m, k, n) -> (tm, tk, tn) for every kernel. On TPU a tiling is clipped to the shapes (a tile
+larger than its dimension covers it whole). Each Mosaic kernel declares (pl.CostEstimate) the FLOPs and
+bytes its tiling moves (gmm_tpu.gmm_cost, tgmm_cost; tests/test_gmm.py counts them from the index maps),
+so the XLA:TPU cost model prices the kernels honestly.
 """
 from __future__ import annotations
 
@@ -43,11 +59,13 @@ import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import gmm_gpu, gmm_tpu
-from pallas_kernels.metadata import group_metadata, vary_alike
+from pallas_kernels.metadata import cdiv, group_metadata, vary_alike
 
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 PLATFORMS = ("tpu", "gpu", "interpret")
 VMEM_BUDGET = 48 * 2**20  # bytes of VMEM a kernel may ask for (v7x has 64 MiB per core; older chips more)
+DEFAULT_VMEM = 32 * 2**20  # what the default tiles may take of it
+TPU_TM = 128  # default row tile: a boundary tile is multiplied once per group it holds, (G - 1) tm extra rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,16 +73,25 @@ class _Options:
     transpose_rhs: bool
     n_local: int  # G_local: groups whose weights rhs holds (tgmm: groups of the output)
     out_dtype: Any
-    tiling: tuple[int, int, int] | None
+    tiling: Any  # (tm, tk, tn), a callable (op, m, k, n) -> tiles, or None (default_tiling)
     platform: str | None
     interpret: Any
 
 
-def default_tiling(platform: str, m: int, k: int, n: int, dtype) -> tuple[int, int, int]:
-    """(tm, tk, tn) by the rule in the module docstring."""
+def default_tiling(platform: str, m: int, k: int, n: int, dtype, op: str = "gmm",
+                   out_dtype=None) -> tuple[int, int, int]:
+    """(tm, tk, tn) by the rule in the module docstring, for op 'gmm' or 'tgmm' of shapes (m, k, n)."""
     if platform == "gpu":
         return 128, 32 if jnp.dtype(dtype) == jnp.float32 else 64, 128
-    return min(m, 512), min(k, 512), min(n, 1024)
+    in_bytes = jnp.dtype(dtype).itemsize
+    out_bytes = jnp.dtype(out_dtype or dtype).itemsize
+    tm = min(m, TPU_TM)
+    for tk in [k] + [t for t in (2048, 1024, 512, 256, 128) if t < k]:  # whole k first: no re-fetch, no mask
+        for split in range(1, cdiv(n, 128) + 1):  # then the widest n tiles of equal size (multiples of 128)
+            tn = n if split == 1 else min(n, cdiv(cdiv(n, split), 128) * 128)
+            if _vmem_bytes((tm, tk, tn), in_bytes, out_bytes, op == "tgmm") <= DEFAULT_VMEM:
+                return tm, tk, tn
+    return tm, min(k, 128), min(n, 128)
 
 
 def _vmem_bytes(tiling, in_bytes, out_bytes, tgmm: bool) -> int:
@@ -144,11 +171,13 @@ def _setup(o: _Options, platform: str, name: str, dims, dtype, tgmm: bool):
     """(kernel platform, interpret, tiling) for one call, the tiling checked."""
     kernel_platform = "tpu" if platform == "interpret" else platform
     interpret = o.interpret or (pltpu.InterpretParams() if platform == "interpret" else False)
+    op = "tgmm" if tgmm else "gmm"
     if o.tiling is None:
-        tiling = default_tiling(kernel_platform, *dims, dtype)
+        tiling = default_tiling(kernel_platform, *dims, dtype, op, o.out_dtype)
     else:
-        _check_tiling(name, kernel_platform, o.tiling, dims, dtype, o.out_dtype, tgmm)
-        tiling = o.tiling if kernel_platform == "gpu" else tuple(min(t, d) for t, d in zip(o.tiling, dims))
+        asked = tuple(o.tiling(op, *dims)) if callable(o.tiling) else o.tiling
+        _check_tiling(name, kernel_platform, asked, dims, dtype, o.out_dtype, tgmm)
+        tiling = asked if kernel_platform == "gpu" else tuple(min(t, d) for t, d in zip(asked, dims))
     _check_tiling(name, kernel_platform, tiling, dims, dtype, o.out_dtype, tgmm)
     return kernel_platform, interpret, tiling
 
@@ -185,10 +214,9 @@ def _grouped_fwd(o, tgmm, x, y, group_sizes, group_offset):
 
 def _grouped_bwd(o, tgmm, res, dout):
     """gmm, out_r = x_r y_g (y_g^T if transposed): d x = gmm(dout, y) transposed the other way,
-    d y = tgmm(x, dout) (tgmm(dout, x) if transposed). tgmm, out_g = x_g^T y_g: d x = gmm(y, dout^T),
-    d y = gmm(x, dout). Backward kernels use the default tiles for their shapes."""
+    d y = gmm(x, dout). Backward kernels use the default tiles for their shapes, or a callable tiling's."""
     x, y, group_sizes, group_offset = res
-    back = dataclasses.replace(o, tiling=None)
+    back = o if callable(o.tiling) else dataclasses.replace(o, tiling=None)
     dout = dout.astype(x.dtype)
     ops = lambda transpose, out_dtype: dataclasses.replace(back, transpose_rhs=transpose, out_dtype=out_dtype)
     if tgmm:
@@ -205,13 +233,12 @@ _grouped.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs: bool = False,
-        group_offset: int | jax.Array = 0, preferred_element_type=None, tiling: tuple[int, int, int] | None = None,
+        group_offset: int | jax.Array = 0, preferred_element_type=None, tiling: Any = None,
         platform: str | None = None, interpret: Any = False) -> jax.Array:
     """Grouped matmul lhs [m, k] x rhs [G_local, k, n] (or [G_local, n, k], transpose_rhs) -> [m, n].
 
     group_sizes: [G] int32, G >= G_local; rows of group i are consecutive, in group order. See the module
-    docstring for group_offset, zero rows, dtypes, platform, interpret and tiling (forward only; the
-    backward kernels use the default tiles for their shapes).
+    docstring for group_offset, zero rows, dtypes, platform, interpret and tiling.
     """
     _check("gmm", lhs, rhs, group_sizes, group_offset, 2 if transpose_rhs else 1)
     o = _Options(transpose_rhs, rhs.shape[0], jnp.dtype(preferred_element_type or lhs.dtype), tiling,
@@ -220,7 +247,7 @@ def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, transpose_rhs
 
 
 def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, num_groups: int | None = None,
-         group_offset: int | jax.Array = 0, preferred_element_type=None, tiling: tuple[int, int, int] | None = None,
+         group_offset: int | jax.Array = 0, preferred_element_type=None, tiling: Any = None,
          platform: str | None = None, interpret: Any = False) -> jax.Array:
     """Per-group lhs_i^T grad_i: lhs [m, k], grad [m, n] -> [G_local, k, n] (G_local = num_groups, default
     G = len(group_sizes)); gmm's weight gradient. An empty group's block is zero."""

@@ -54,6 +54,7 @@ def group_metadata(group_sizes: jax.Array, m: int, tm: int, n_local: int, group_
     n_visits = tiles_m + n_local - 1
     G = group_sizes.shape[0]
     sizes = group_sizes.astype(jnp.int32)
+    group_offset = jnp.clip(group_offset, 0, G - n_local)  # a traced offset: into range, as dynamic_slice would
     before = jnp.sum(jnp.where(jnp.arange(G) < group_offset, sizes, 0))
     local = jax.lax.dynamic_slice_in_dim(sizes, jnp.asarray(group_offset, jnp.int32), n_local)
     ends = jnp.clip(before + jnp.cumsum(local), 0, m)

@@ -10,7 +10,8 @@ for dropless MoE layers it is every row of the static dispatch buffers (`compile
 padding to blocks ('blocked'), D x the rows under expert parallelism (the receive buffer holds every row
 all D devices could send), and for 'ragged_dot' a weight gradient over every local expert group (XLA:TPU
 lowers the transposed ragged dot to a dense masked convolution). The Pallas kernels ('pallas', the TPU
-default) report 2 m k n per grouped matmul over the whole buffer through their cost estimates.
+default) report through their cost estimates what their tiles multiply: whole [tm, .] row tiles over the
+whole buffer, each tile once per group it holds (pallas_kernels.gmm_tpu.gmm_cost).
 
 Memory: compiling a paper-scale step takes 4-5 GiB (DeepSeekMoE-16B on v5p:4x4x4: 11 GiB), much of which
 the process keeps, so those tests compile in a process of their own (`report_in_subprocess`) and check its
@@ -33,6 +34,7 @@ if importlib.util.find_spec("libtpu") is None:
 import jax  # noqa: E402
 
 from moejax import aot  # noqa: E402
+from pallas_kernels import grouped_matmul  # noqa: E402
 from moejax import config as config_lib  # noqa: E402
 from moejax import dispatch  # noqa: E402
 from moejax import sharding  # noqa: E402
@@ -132,6 +134,9 @@ def compiled_flops(trainer: train.Trainer, batch: int, seq_len: int, backend: st
             block = 1 if backend in ("ragged_dot", "pallas") else dispatch.auto_block(D * T * K, E)
             rows = -(-(D * T * K + E // D * (block - 1)) // block) * block
         groups = E // D if backend == "ragged_dot" else 1
+        if backend == "pallas":  # whole [tm, .] blocks: a row tile is multiplied once per group it holds
+            tm = min(rows, grouped_matmul.TPU_TM)
+            rows = (-(-rows // tm) + E // D - 1) * tm
         passes = 2 + 2 + 2 * groups + (2 if m.remat else 0)
         moe_rows += passes * rows * mats * m.d_model * c.expert_width
     total += 6 * m.d_model * m.vocab_size * T
@@ -275,7 +280,7 @@ def test_table1_paper_deepseekmoe_on_v5e_2x2(tmp_path):
 def test_table1_paper_expert_parallel_on_v5p_4x4x4(tmp_path):
     """(b) The same model with expert parallelism on 64 v5p chips: 63 routed experts padded to 64 slots,
     4 per chip (expert=16), fsdp=4, the default TPU backends (the Pallas grouped matmul, ragged_all_to_all).
-    The kernels' FLOPs are their cost estimates, 2 m k n over the whole static receive buffer (they skip
+    The kernels' FLOPs are their cost estimates, whole row tiles over the whole static receive buffer (they skip
     its zero padding when they run)."""
     mesh = {"fsdp": 4, "expert": 16}
     c, r = report_in_subprocess(tmp_path, "v5p:4x4x4", mesh, "deepseekmoe_table1", "method=deepseekmoe,scale=paper",

@@ -154,9 +154,9 @@ def test_bfloat16_inputs_accumulate_in_float32(kernel):
 
 def test_default_platform_interprets_on_cpu_and_uses_default_tiles():
     """platform=None: default_platform(), on CPU the TPU kernels in the TPU interpreter."""
-    m, k, n, sizes = 600, 96, 80, [0, 250, 0, 200, 100]  # tm = 512: two row tiles, the second partial
+    m, k, n, sizes = 600, 96, 80, [0, 250, 0, 200, 100]  # tm = 128: five row tiles, the last partial
     assert pallas_kernels.default_platform() == "interpret"
-    assert pallas_kernels.default_tiling("tpu", m, k, n, jnp.float32) == (512, 96, 80)
+    assert pallas_kernels.default_tiling("tpu", m, k, n, jnp.float32) == (128, 96, 80)
     lhs, rhs, _ = arrays(m, k, n, len(sizes))
     np.testing.assert_allclose(pallas_kernels.gmm(lhs, rhs, jnp.asarray(sizes, jnp.int32)),
                                loop_gmm(lhs, rhs, sizes), **F32)
@@ -172,6 +172,106 @@ def test_tpu_interpreter_finds_no_races():
     jax.grad(lambda x, w: jnp.sum(call_gmm("tpu", x, w, sizes) * ct), (0, 1))(lhs, rhs)
     assert tpu_interpret.races is not None, "the race detector did not run"
     assert not tpu_interpret.races.races_found
+
+
+@pytest.mark.parametrize("op, m, k, n, dtype, want", [
+    ("gmm", 49152, 2048, 2816, jnp.bfloat16, (128, 2048, 2816)),  # DeepSeekMoE-16B w_in: whole k and n
+    ("tgmm", 49152, 2048, 2816, jnp.bfloat16, (128, 2048, 1408)),  # its weight gradient: n in 2 tiles
+    ("gmm", 16384, 4096, 28672, jnp.bfloat16, (128, 4096, 1792)),  # Mixtral w_in: n in 16 tiles
+    ("gmm", 16384, 14336, 4096, jnp.bfloat16, (128, 14336, 384)),  # Mixtral w_down: k whole, n in 11 tiles
+    ("gmm", 128, 65536, 65536, jnp.float32, (128, 2048, 1664)),  # k too wide to keep whole: tk 2048
+    ("gmm", 40, 64, 32, jnp.float32, (40, 64, 32)),  # small shapes: one tile
+])
+def test_default_tpu_tiling_per_operation(op, m, k, n, dtype, want):
+    """The TPU rule (pallas_kernels.grouped_matmul docstring): tm 128, the whole k if the blocks fit
+    DEFAULT_VMEM, then the widest equal n tiles (multiples of 128) that fit."""
+    tiling = pallas_kernels.default_tiling("tpu", m, k, n, dtype, op)
+    assert tiling == want
+    from pallas_kernels import grouped_matmul
+    assert grouped_matmul._vmem_bytes(tiling, 2 if dtype == jnp.bfloat16 else 4, 2 if dtype == jnp.bfloat16 else 4,
+                                      op == "tgmm") <= grouped_matmul.DEFAULT_VMEM
+
+
+def test_callable_tiling_reaches_the_backward_kernels():
+    """tiling=callable(op, m, k, n) chooses the tiles of every kernel, the backward ones included."""
+    m, k, n, sizes = SHAPES["padded"]
+    lhs, rhs, ct = arrays(m, k, n, len(sizes))
+    asked = []
+
+    def tiling(op, m_, k_, n_):
+        asked.append((op, m_, k_, n_))
+        return (32, 128, 128)
+
+    f = lambda x, w: jnp.sum(pallas_kernels.gmm(x, w, jnp.asarray(sizes, jnp.int32), tiling=tiling,
+                                                interpret=TPU_INTERPRET) * ct)
+    got = jax.grad(f, (0, 1))(lhs, rhs)
+    want = jax.grad(lambda x, w: jnp.sum(loop_gmm(x, w, sizes) * ct), (0, 1))(lhs, rhs)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, **F32)
+    assert sorted(asked) == sorted([("gmm", m, k, n), ("gmm", m, n, k), ("tgmm", m, k, n)])
+
+
+# --- declared cost ----------------------------------------------------------------------------------
+
+
+def walk(in_specs, out_spec, grid, meta, v_axis, in_items, out_item):
+    """(bytes moved, MXU FLOPs) of a kernel's grid, counted from its own BlockSpecs: step by step in grid
+    order, an operand's block is fetched (the output's written back) whenever its index differs from the
+    previous step's (Pallas TPU pipelining), and each step whose visit has COMPUTE multiplies whole blocks."""
+    import itertools
+    prefetch = tuple(np.asarray(a) for a in (meta.offsets, meta.tile, meta.group, meta.flags))
+    specs = [*in_specs, out_spec]
+    items = [*in_items, out_item]
+    prev = [None] * len(specs)
+    moved = flops = 0
+    for idx in itertools.product(*map(range, grid)):
+        for i, spec in enumerate(specs):
+            block = tuple(int(b) for b in spec.index_map(*idx, *prefetch))
+            if block != prev[i]:
+                moved += items[i] * int(np.prod([b for b in spec.block_shape if b is not None]))
+                prev[i] = block
+        if prefetch[3][idx[v_axis]] & metadata.COMPUTE:
+            flops += 2 * int(np.prod([b for b in in_specs[0].block_shape])) * int(
+                [b for b in out_spec.block_shape if b is not None][-1])
+    return moved, flops
+
+
+@pytest.mark.parametrize("tiling", [(128, 256, 128), (128, 128, 128)])  # tiles_k = 1, tiles_k = 2
+@pytest.mark.parametrize("transpose", [False, True])
+def test_declared_kernel_costs_match_their_index_maps(tiling, transpose):
+    """Each Mosaic kernel's CostEstimate (gmm_cost, tgmm_cost) equals the bytes and FLOPs counted by
+    walking its grid with its own index maps when every visit computes (every group boundary inside a
+    row tile: the declared case), and bounds them for other group sizes (empty groups, padding rows)."""
+    from pallas_kernels import gmm_tpu
+
+    m, k, n = 1024, 256, 384
+    tm, tk, tn = tiling
+    grid_of = lambda V: ((-(-n // tn), V, -(-k // tk)), (-(-k // tk), -(-n // tn), V))
+    for sizes, exact in (([200, 300, 260, 264], True), ([0, 330, 0, 400], False), ([90, 0, 500, 10], False)):
+        gs = jnp.asarray(sizes, jnp.int32)
+        G = len(sizes)
+        gmm_grid, tgmm_grid = grid_of(-(-m // tm) + G - 1)
+        cost = gmm_tpu.gmm_cost(m, k, n, G, tiling, 2, 4)
+        meta = metadata.group_metadata(gs, m, tm, G, visit_empty_groups=False)
+        got = walk(*gmm_tpu.gmm_specs(tiling, transpose), gmm_grid, meta, 1, (2, 2), 4)
+        tcost = gmm_tpu.tgmm_cost(m, k, n, G, tiling, 2, 4)
+        tmeta = metadata.group_metadata(gs, m, tm, G, visit_empty_groups=True)
+        tgot = walk(*gmm_tpu.tgmm_specs(tiling), tgmm_grid, tmeta, 2, (2, 2), 4)
+        for (moved, flops), c in ((got, cost), (tgot, tcost)):
+            if exact:
+                assert (moved, flops) == (c.bytes_accessed, c.flops)
+            else:
+                assert moved <= c.bytes_accessed and flops <= c.flops
+
+
+def test_traced_group_offset_out_of_range_is_clipped():
+    """A traced group_offset past G - G_local multiplies the last G_local groups (as dynamic_slice clips),
+    never a mix of two groups' rows."""
+    m, k, n, sizes = SHAPES["padded"]
+    lhs, rhs, _ = arrays(m, k, n, 2)
+    f = jax.jit(lambda off: call_gmm("tpu", lhs, rhs, sizes, group_offset=off))
+    np.testing.assert_allclose(f(jnp.int32(7)), loop_gmm(lhs, rhs, sizes, offset=len(sizes) - 2), **F32)
+    np.testing.assert_allclose(f(jnp.int32(-3)), loop_gmm(lhs, rhs, sizes, offset=0), **F32)
 
 
 # --- metadata ---------------------------------------------------------------------------------------
@@ -289,12 +389,24 @@ AOT_SHAPES = [
 ]
 
 
+def declared_flops(m, k, n, n_local, dtype=jnp.bfloat16):
+    """FLOPs the three kernels of a gmm's forward + backward declare at their default tiles: gmm
+    (m, k, n), its input gradient gmm (m, n, k) and its weight gradient tgmm (m, k, n)."""
+    from pallas_kernels import gmm_tpu
+
+    def one(op, k_, n_, cost):
+        return cost(m, k_, n_, n_local, pallas_kernels.default_tiling("tpu", m, k_, n_, dtype, op), 2, 2).flops
+    return (one("gmm", k, n, gmm_tpu.gmm_cost) + one("gmm", n, k, gmm_tpu.gmm_cost)
+            + one("tgmm", k, n, gmm_tpu.tgmm_cost))
+
+
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (the test extra)")
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
 def test_mosaic_kernels_compile_for_tpu_topologies(topology):
     """Forward + both gradients inside shard_map over 4 chips, bf16, at the expert shapes above (each
     device multiplies its E / D experts: group_offset = axis_index * E / D). Mosaic fails to compile a
-    kernel that overflows VMEM; cost_analysis counts the kernels' FLOPs (3 matmuls of 2 m k n)."""
+    kernel that overflows VMEM; cost_analysis counts the FLOPs the kernels declare (whole blocks, a bit over
+    3 matmuls of 2 m k n)."""
     from moejax import aot
 
     devices = aot.topology_devices(topology)
@@ -315,4 +427,5 @@ def test_mosaic_kernels_compile_for_tpu_topologies(topology):
             compiled = jax.jit(run).trace(*args).lower().compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
-        assert cost["flops"] == pytest.approx(3 * 2 * m * k * n, rel=0.01), name
+        assert cost["flops"] == pytest.approx(declared_flops(m, k, n, E // D), rel=0.01), name
+        assert 1.0 < cost["flops"] / (3 * 2 * m * k * n) < 1.25, name  # whole blocks at group boundaries

@@ -25,6 +25,8 @@ Scales keep these ratios (and d_ff / d_model ~ 2.7):
          lr 2e-3, 1K warmup; parameters and Adam moments split over the host's chips (fsdp): one TPU host or GPU.
   gpu    small's model in bf16, byte tokens, 64 x 512 tokens/step, 1000 steps (33M tokens), 100 warmup: the
          five methods in under 8 minutes on one H100 or H200 (experiments/deepseekmoe/gpu_table1.py).
+paper scans its layers (model.scan_layers: one compiled layer; moejax.aot then counts no FLOPs). proxy does not:
+scanned without remat it needs 15.6 GiB per v5e chip instead of 10.68 (tests/test_aot.py).
 The paper does not state d_ff; 3456 = 2.7 d gives 13.3M parameters per FFN, close to the 13.1M per
 FFN implied by its Table 2 (1.89B expert parameters = 16 x 9 FFNs). Paper scale initialises every
 weight N(0, 0.006) as the paper does; the others use fan-in scaling (with 0.006 the tiny DeepSeekMoE
@@ -98,6 +100,9 @@ ACCELERATOR = {
 }
 
 
+# Scales whose layers run as one jax.lax.scan (model.scan_layers): XLA compiles one layer, not all of them
+SCANNED = ("paper",)
+
 # The stdlib scales hold out 4% of the files (32 files, 1.02M bytes) and report the final validation loss
 # on the first 524,288 tokens of them (256 batches of 16 x 128 tiny; 32 of 32 x 512 small); the periodic
 # evaluations during training use the first eval_steps batches.
@@ -127,7 +132,7 @@ def get_config(arg=None):
     layers, d, heads, d_ff, seq_len, batch, steps, warmup, lr, eval_every = SCALES[a.scale]
     c = config_lib.experiment(
         model=dict(n_layers=layers, d_model=d, n_heads=heads, dtype="bfloat16" if a.scale == "paper" else "float32",
-                   init_std=0.006 if a.scale == "paper" else 0.0),
+                   init_std=0.006 if a.scale == "paper" else 0.0, scan_layers=a.scale in SCANNED),
         moe=moe_config(a.method, d, d_ff),
         data=dict(seq_len=seq_len, batch_size=batch, tokenizer="spm8k.model" if a.scale == "paper" else "byte",
                   eval_steps=8 if a.scale == "tiny" else 32, **VALIDATION.get(a.scale, {})),

@@ -115,7 +115,7 @@ def vocab_size(run) -> int:
     return tokenizer_lib.SentencePieceTokenizer(path).vocab_size
 
 
-def compile_report(config, topology: str, mesh_override: dict | None = None) -> dict:
+def compile_report(config, topology: str, mesh_override: dict | None = None, return_compiled: bool = False):
     """Compile one training step of experiment `config` (moejax.config layout) for TPU `topology` and
     return its report (memory per chip in bytes, FLOPs per step).
 
@@ -127,6 +127,9 @@ def compile_report(config, topology: str, mesh_override: dict | None = None) -> 
     what rematerialisation recomputes and every row of the static MoE dispatch buffers (padding, and under
     expert parallelism the receive buffer of D x the rows); model_flops_per_chip (analytic, moejax.metrics:
     6 N_active + 12 L d S per token) counts neither. compile_s: tracing, lowering and compiling.
+    return_compiled: (report, the compiled step) for callers that read more of it (its cost analysis).
+    With model.scan_layers the compiler counts the scanned layer once, not once per layer, so the FLOPs
+    fields are None (compile with model.scan_layers=False to count them); memory is unaffected.
     """
     from moejax import config as config_lib
     from moejax import metrics
@@ -157,10 +160,11 @@ def compile_report(config, topology: str, mesh_override: dict | None = None) -> 
     temps, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
     total = args + outs + temps - alias
     hbm = hbm_bytes(devices)
-    compiler_flops = float(cost.get("flops", 0.0))
+    scanned = model_config.scan_layers and model_config.n_layers > model_config.first_k_dense
+    compiler_flops = None if scanned else float(cost.get("flops", 0.0))
     params = metrics.active_params(model_config)
     model_flops = metrics.flops_per_token(model_config, seq_len) * batch * seq_len
-    return {
+    report = {
         "topology": topology,
         "device_kind": devices[0].device_kind,
         "chips": n // _devices_per_chip(devices),
@@ -177,14 +181,16 @@ def compile_report(config, topology: str, mesh_override: dict | None = None) -> 
         "total_bytes": int(total),
         "hbm_bytes": int(hbm),
         "fits": bool(total <= hbm),
+        "scan_layers": bool(scanned),
         "compiler_flops_per_chip": compiler_flops,
-        "flops_per_chip": compiler_flops * accum,
-        "flops_total": compiler_flops * accum * n,
+        "flops_per_chip": None if scanned else compiler_flops * accum,
+        "flops_total": None if scanned else compiler_flops * accum * n,
         "model_flops_per_chip": model_flops / n,
         "model_flops_total": model_flops,
         "active_params": sum(params.values()),
         "compile_s": compile_s,
     }
+    return (report, compiled) if return_compiled else report
 
 
 def format_report(r: dict) -> str:
@@ -199,9 +205,11 @@ def format_report(r: dict) -> str:
         f"memory per {per}: arguments {g(r['argument_bytes'])}, outputs {g(r['output_bytes'])}, temporaries "
         f"{g(r['temp_bytes'])}, aliased {g(r['alias_bytes'])}",
         f"  total {g(r['total_bytes'])} of {g(r['hbm_bytes'])} HBM: {'fits' if r['fits'] else 'DOES NOT FIT'}",
-        f"FLOPs per step: {r['flops_per_chip'] / 1e12:.1f} TFLOPs per {per}, {r['flops_total'] / 1e15:.2f} PFLOPs "
-        f"total as compiled (grad_accum x the compiler's count); model 6N + attention "
-        f"{r['model_flops_per_chip'] / 1e12:.1f} TFLOPs per {per}",
+        (f"FLOPs per step: {r['flops_per_chip'] / 1e12:.1f} TFLOPs per {per}, {r['flops_total'] / 1e15:.2f} PFLOPs "
+         f"total as compiled (grad_accum x the compiler's count)" if r["flops_per_chip"] is not None else
+         "FLOPs as compiled: not counted with model.scan_layers (the compiler counts a scanned layer once; "
+         "--config.model.scan_layers=False counts them)")
+        + f"; model 6N + attention {r['model_flops_per_chip'] / 1e12:.1f} TFLOPs per {per}",
     ])
 
 

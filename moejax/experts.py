@@ -70,7 +70,7 @@ register_backend("pallas", _pallas)
 def default_backend(per_expert: bool, platform: str | None = None) -> str:
     """Fastest correct backend per platform: 'einsum' for per-expert (capacity) layouts everywhere;
     for dropless, 'pallas' on TPU (XLA:TPU's ragged_dot weight gradient compiles to 13.5x the useful
-    FLOPs, the Pallas tgmm to 1.0x; experiments/benchmarks/README.md), 'blocked' on CPU (where Pallas
+    FLOPs, the Pallas tgmm to ~1.16x; experiments/benchmarks/README.md), 'blocked' on CPU (where Pallas
     only interprets and ragged_dot multiplies every row by every expert) and on GPU (the Triton kernels
     have not been timed on a GPU yet)."""
     if per_expert:

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import moe as moe_lib
+from moejax import routing
 from moejax import sharding
 
 
@@ -37,6 +38,7 @@ class ModelConfig:
     dtype: str = "float32"
     init_std: float = 0.0  # > 0: every weight N(0, init_std) (DeepSeekMoE: 0.006); 0: fan-in, embeddings N(0, 1)
     remat: bool = False  # recompute each block's activations in the backward pass (jax.checkpoint)
+    scan_layers: bool = False  # the layers from first_k_dense on as one jax.lax.scan (see Transformer)
 
     def __post_init__(self):
         req = moe_lib.require_for("ModelConfig")
@@ -51,6 +53,8 @@ class ModelConfig:
         req(self.rope_base > 0, "rope_base", self.rope_base, "> 0")
         req(self.init_std >= 0, "init_std", self.init_std, ">= 0 (0 = fan-in scaled)")
         req(self.dtype in ("float32", "bfloat16"), "dtype", self.dtype, "('float32', 'bfloat16')")
+        req(not self.scan_layers or self.moe_every == 1, "scan_layers", self.scan_layers,
+            f"False with moe_every={self.moe_every} (scanned layers must all be alike: moe_every=1)")
 
     def is_moe(self, layer: int) -> bool:
         """Whether layer `layer` has an MoE FFN (else a dense FFN)."""
@@ -130,18 +134,54 @@ class Block(nnx.Module):
 
 class Transformer(nnx.Module):
     """__call__(tokens [B, S], positions, segment_ids, key) -> (logits [B, S, V] float32, [MoEStats per
-    MoE layer]). Dense layers' stats are not returned. Auxiliary losses are in each MoEStats.loss."""
+    MoE layer]). Dense layers' stats are not returned. Auxiliary losses are in each MoEStats.loss.
+
+    scan_layers=True (MaxText's scan_layers): the n_layers - first_k_dense layers from first_k_dense on
+    (all MoE, moe_every=1) are one Block whose parameters carry a leading layer axis [L, ...] (logical axis
+    None: not split), run by jax.lax.scan, so XLA compiles one layer instead of L: the DeepSeekMoE-16B step
+    compiles for v5p:4x4x4 in a fraction of the time (tests/test_aot.py). Same function of the same weights
+    as the unrolled model (tests/test_model.py); a different parameter layout, so checkpoints of one do not
+    load into the other. The first_k_dense layers stay in `blocks`.
+    """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embed = nnx.Param((config.init_std or 1.0) * jax.random.normal(
             rngs.params(), (config.vocab_size, config.d_model), jnp.float32), axes=("vocab", "embed"))
-        self.blocks = nnx.List([Block(config, l, rngs=rngs) for l in range(config.n_layers)])
+        n_unrolled = config.first_k_dense if config.scan_layers else config.n_layers
+        self.blocks = nnx.List([Block(config, l, rngs=rngs) for l in range(n_unrolled)])
+        if config.scan_layers and config.n_layers > n_unrolled:
+            self.scanned = _stacked_blocks(config, config.n_layers - n_unrolled, rngs)
         self.final_norm = RMSNorm(config.d_model)
         if not config.tie_embeddings:
             init = moe_lib.initializer(config.init_std, in_axis=0, out_axis=1)
             self.unembed = nnx.Param(init(rngs.params(), (config.d_model, config.vocab_size), jnp.float32),
                                      axes=("embed", "vocab"))
+
+    @property
+    def n_scanned(self) -> int:
+        return self.config.n_layers - len(self.blocks)
+
+    def block(self, layer: int) -> Block:
+        """Layer `layer`'s Block (for a scanned layer, a copy holding its slice of the stacked weights)."""
+        if layer < len(self.blocks):
+            return self.blocks[layer]
+        graphdef, state = nnx.split(self.scanned)
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[layer - len(self.blocks)], state))
+
+    def update_biases(self, loads) -> None:
+        """Aux-loss-free bias step of every MoE layer with a router bias from its load [E] (one per MoE layer,
+        in layer order, as __call__ returns its stats); call after the optimizer step."""
+        moe_layers = [l for l in range(self.config.n_layers) if self.config.is_moe(l)]
+        for layer, load in zip(moe_layers, loads):
+            ffn = self.blocks[layer].ffn if layer < len(self.blocks) else None
+            if ffn is not None and ffn.config.n_experts and ffn.config.aux_free_bias:
+                ffn.update_bias(load)
+        if self.n_scanned and self.config.moe.n_experts and self.config.moe.aux_free_bias:
+            ffn = self.scanned.ffn
+            scanned = jnp.stack(list(loads)[-self.n_scanned:])  # [L, E]
+            ffn.bias[...] = jax.vmap(routing.update_bias, (0, 0, None))(ffn.bias[...], scanned,
+                                                                        ffn.config.bias_update_rate)
 
     def _embed(self, tokens, positions):
         """(x [B, S, d] in the compute dtype, positions [B, S] (default 0..S-1))."""
@@ -154,7 +194,7 @@ class Transformer(nnx.Module):
         one `routing.Routing` (expert_ids, weights [B S, K]) or `routing.ExpertChoice` per such layer."""
         x, positions = self._embed(tokens, positions)
         out = []
-        for block in self.blocks:
+        for block in map(self.block, range(self.config.n_layers)):
             if block.ffn.config.n_experts:
                 h = x + block.attn(block.attn_norm(x), positions, segment_ids)
                 out.append(block.ffn.route(block.ffn_norm(h), token_ids=tokens))
@@ -175,6 +215,9 @@ class Transformer(nnx.Module):
             x = sharding.constrain(x, ACT)
             if c.is_moe(layer):
                 stats.append(s)
+        if self.n_scanned:
+            x, s = self._scan(x, positions, segment_ids, tokens, keys[len(self.blocks):] if key is not None else None)
+            stats += [jax.tree.map(lambda a: a[i], s) for i in range(self.n_scanned)]
         x = self.final_norm(x)
         if c.tie_embeddings:  # scale by d^-1/2 so tied logits start at unit scale
             logits = jnp.einsum("bsd,vd->bsv", x, self.embed[...].astype(dtype), preferred_element_type=jnp.float32)
@@ -182,3 +225,33 @@ class Transformer(nnx.Module):
         else:
             logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(dtype), preferred_element_type=jnp.float32)
         return sharding.constrain(logits, ("batch", "length", "vocab")), stats
+
+    def _scan(self, x, positions, segment_ids, tokens, keys):
+        """The stacked layers over x [B, S, d] by jax.lax.scan -> (x, MoEStats with a leading layer axis)."""
+        graphdef, state = nnx.split(self.scanned)
+
+        def body(x, xs):
+            layer_state, key = xs
+            y, stats = nnx.merge(graphdef, layer_state)(x, positions, segment_ids, tokens, key)
+            return sharding.constrain(y, ACT), stats
+
+        if self.config.remat:  # keep only each layer's input for the backward pass
+            body = jax.checkpoint(body)
+        return jax.lax.scan(body, x, (state, keys))
+
+
+def _stacked_blocks(config: ModelConfig, n: int, rngs: nnx.Rngs) -> Block:
+    """n independently initialised MoE Blocks as one Block whose variables are stacked [n, ...]; their `axes`
+    metadata gets a leading None (the layer axis is never split across devices)."""
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+        return Block(config, config.first_k_dense, rngs=rngs)
+
+    stacked = create(rngs)
+    for v in jax.tree.leaves(nnx.state(stacked), is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        axes = v.get_metadata().get("axes")
+        if axes:
+            v.set_metadata(axes=(None, *axes))
+    return stacked

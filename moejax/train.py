@@ -198,10 +198,7 @@ class Trainer:
         params = optax.apply_updates(state["params"], updates)
         load = [s.load.sum(0) for s in stats]  # per MoE layer [E], summed over micro-batches
         model = nnx.merge(self.graphdef, params, state["rest"])
-        for layer, l_load in zip(self.moe_layers, load):
-            ffn = model.blocks[layer].ffn
-            if ffn.config.n_experts and ffn.config.aux_free_bias:
-                ffn.update_bias(l_load)
+        model.update_biases(load)
         _, params, rest = nnx.split(model, nnx.Param, ...)
         layer_loss = lambda name: sum((getattr(s, name).mean() for s in stats), jnp.zeros(()))
         out = {"loss": jnp.sum(ce) + layer_loss("loss"), "ce_loss": jnp.sum(ce), "lr": lr_schedule(self.train)(step),

@@ -147,3 +147,23 @@ def test_data_memory_quick(tmp_path):
     assert row["train_documents"] == 1 and row["tokens"] == 30 * 16 * 2048
     assert 0 < row["rss_imports_mib"] <= row["rss_build_mib"] <= row["rss_iterator_mib"] <= row["rss_peak_mib"]
     assert row["rss_peak_prepared_mib"] > 0
+
+
+def test_tpu_estimate_quick(tmp_path):
+    """Smoke test of experiments/benchmarks/tpu_estimate.py (libtpu, no TPU): the dense FFN and the MoE layer
+    (Pallas and ragged_dot experts) compile for one v5p chip and the compiler prices each of them (a
+    positive estimate: a scatter in the layer would make it negative, see the benchmark's README section)."""
+    import importlib.util
+
+    import pytest
+    if importlib.util.find_spec("libtpu") is None:
+        pytest.skip("libtpu is not installed (the test extra)")
+    from experiments.benchmarks import tpu_estimate
+
+    out = tmp_path / "rows.json"
+    tpu_estimate.main(["--quick", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [r["variant"] for r in rows] == ["dense", "auto", "ragged_dot"]
+    for r in rows:
+        assert r["gen"] == "v5p" and r["est_ms"] > 0 and r["bytes_accessed_gb"] > 0 and 0 < r["mfu"] < 1, r
+    assert rows[0]["ratio_to_dense"] == 1.0 and rows[1]["ratio_to_dense"] > 1.0

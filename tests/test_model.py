@@ -48,6 +48,54 @@ def test_routes_are_the_routing_the_forward_pass_uses():
         np.testing.assert_array_equal(counts, s.load)
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_layers_equal_the_unrolled_model(remat):
+    """scan_layers: the same logits, stats, routes, gradients and aux-free bias updates as the unrolled
+    model holding the same weights (each stacked slice copied into its layer); the dense first layer stays
+    unrolled; stacked weights carry a leading unsplit axis in their `axes` metadata."""
+    mcfg = moe.deepseekmoe(D, 32, n_experts=4, top_k=2, m=2, n_shared=1, aux_free_bias=True)
+    scanned = make(n_layers=4, first_k_dense=1, moe_cfg=mcfg, scan_layers=True, remat=remat)
+    unrolled = make(n_layers=4, first_k_dense=1, moe_cfg=mcfg, remat=remat)
+    assert len(scanned.blocks) == 1 and scanned.n_scanned == 3
+    assert scanned.scanned.ffn.experts["w_in"].get_metadata()["axes"][0] is None
+    assert scanned.scanned.ffn.bias[...].shape == (3, 7)
+    nnx.update(scanned.scanned.ffn.bias, jnp.arange(21.0).reshape(3, 7) * 1e-3)  # distinct biases per layer
+    nnx.update(unrolled.blocks[0], nnx.state(scanned.blocks[0]))
+    for l in range(1, 4):
+        nnx.update(unrolled.blocks[l], nnx.state(scanned.block(l)))
+    t, key = tokens(), jax.random.key(3)
+    (a, sa), (b, sb) = scanned(t, key=key), unrolled(t, key=key)
+    np.testing.assert_allclose(a, b, **F32)
+    assert len(sa) == len(sb) == 3
+    for x, y in zip(sa, sb):
+        jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, **F32), x, y)
+    for x, y in zip(scanned.routes(t), unrolled.routes(t)):
+        np.testing.assert_array_equal(x.expert_ids, y.expert_ids)
+
+    def loss(model):
+        logits, stats = model(t, key=key)
+        return jnp.mean(logits ** 2) + sum(s.loss for s in stats)
+
+    gs, gu = nnx.grad(loss)(scanned), nnx.grad(loss)(unrolled)
+    np.testing.assert_allclose(gs["blocks"][0]["attn"]["wqkv"][...], gu["blocks"][0]["attn"]["wqkv"][...], **F32)
+    for l in range(3):
+        for path in (("attn", "wo"), ("ffn", "router")):
+            np.testing.assert_allclose(gs["scanned"][path[0]][path[1]][...][l],
+                                       gu["blocks"][l + 1][path[0]][path[1]][...], **F32)
+        np.testing.assert_allclose(gs["scanned"]["ffn"]["experts"]["w_in"][...][l],
+                                   gu["blocks"][l + 1]["ffn"]["experts"]["w_in"][...], **F32)
+    loads = [s.load for s in sb]
+    scanned.update_biases(loads)
+    unrolled.update_biases(loads)
+    for l in range(3):
+        np.testing.assert_allclose(scanned.scanned.ffn.bias[...][l], unrolled.blocks[l + 1].ffn.bias[...], **F32)
+
+
+def test_scan_layers_needs_alike_layers():
+    with pytest.raises(ValueError, match="scan_layers.*moe_every=2"):
+        make(n_layers=4, moe_every=2, scan_layers=True)
+
+
 def test_causal_future_tokens_do_not_change_past_logits():
     m = make()  # dropless dispatch: tokens do not compete for capacity
     t = tokens()

@@ -35,12 +35,15 @@ def mesh_of(name: str) -> jax.sharding.Mesh:
     return sharding.make_mesh(sharding.MeshConfig(**MESHES[name]))
 
 
-def model_config(method: str, dispatch_mode: str, backend: str = "auto") -> model_lib.ModelConfig:
+def model_config(method: str, dispatch_mode: str, backend: str = "auto", scan: bool = False) -> model_lib.ModelConfig:
     """Table-1 GShard (16 experts, top-2) or DeepSeekMoE (1 shared + 63 routed of width d_ff/4, top-7,
-    padded to 64 slots for the expert axis) at d 32; capacity dispatch drops tokens (factor 1)."""
+    padded to 64 slots for the expert axis) at d 32; capacity dispatch drops tokens (factor 1). scan: two
+    layers, scanned, with aux-loss-free router biases."""
     m = table1.moe_config(method, 32, 64)
-    m = dataclasses.replace(m, dispatch=dispatch_mode, capacity_factor=1.0, pad_experts_to=8, backend=backend)
-    return model_lib.ModelConfig(vocab_size=V, d_model=32, n_layers=1, n_heads=2, moe=m, max_len=S)
+    m = dataclasses.replace(m, dispatch=dispatch_mode, capacity_factor=1.0, pad_experts_to=8, backend=backend,
+                            aux_free_bias=scan)
+    return model_lib.ModelConfig(vocab_size=V, d_model=32, n_layers=2 if scan else 1, n_heads=2, moe=m, max_len=S,
+                                 scan_layers=scan)
 
 
 def batch(seed: int) -> dict:
@@ -56,11 +59,12 @@ def batch(seed: int) -> dict:
 
 
 @functools.lru_cache(maxsize=None)
-def run(method: str, dispatch_mode: str, mesh_name: str | None, n_steps: int = 3, backend: str = "auto"):
+def run(method: str, dispatch_mode: str, mesh_name: str | None, n_steps: int = 3, backend: str = "auto",
+        scan: bool = False):
     """(loss, grads of step 0, params after init, losses of n_steps train steps) as numpy."""
     mesh = mesh_of(mesh_name) if mesh_name else None
-    trainer = train.Trainer(model_config(method, dispatch_mode, backend), config_lib.TrainConfig(steps=10, warmup_steps=0,
-                                                                                         lr=3e-3), 0, mesh)
+    trainer = train.Trainer(model_config(method, dispatch_mode, backend, scan),
+                            config_lib.TrainConfig(steps=10, warmup_steps=0, lr=3e-3), 0, mesh)
     state = trainer.init()
     params0 = jax.device_get(nnx.to_pure_dict(state["params"]))
     b0 = sharding.global_batch(batch(0), trainer.mesh)
@@ -109,6 +113,26 @@ def test_pallas_backend_with_expert_parallelism_equals_single_device():
     np.testing.assert_allclose(loss, loss0, **F32, err_msg="loss of step 0")
     assert_trees_close(grads, grads0, "grads ")
     np.testing.assert_allclose(losses, losses0, **F32, err_msg="losses of 3 train steps")
+
+
+def test_scanned_layers_sharded_equal_single_device():
+    """model.scan_layers under expert, fsdp and tensor parallelism: the stacked weights keep their rules
+    behind an unsplit layer axis; same init, loss, gradients and 3 AdamW steps (with aux-free bias
+    updates, layer by layer) as on one device."""
+    loss0, grads0, params0, _, losses0 = run("deepseekmoe", "dropless", None, scan=True)
+    loss, grads, params, _, losses = run("deepseekmoe", "dropless", "fsdp2_expert2_tensor2", scan=True)
+    assert params0["scanned"]["ffn"]["experts"]["w_in"].shape[0] == 2
+    assert_trees_close(params, params0, "init ")
+    np.testing.assert_allclose(loss, loss0, **F32, err_msg="loss of step 0")
+    assert_trees_close(grads, grads0, "grads ")
+    np.testing.assert_allclose(losses, losses0, **F32, err_msg="losses of 3 train steps")
+    trainer = train.Trainer(model_config("deepseekmoe", "dropless", scan=True), config_lib.TrainConfig(), 0,
+                            mesh_of("fsdp2_expert2_tensor2"))
+    state = trainer.init()
+    assert state["params"]["scanned"]["ffn"]["experts"]["w_in"].sharding.spec == P(None, "expert", "fsdp", None, "tensor")
+    state, _ = trainer.train_step(state, sharding.global_batch(batch(0), trainer.mesh), jnp.int32(0))
+    bias = np.asarray(state["rest"]["scanned"]["ffn"]["bias"][...])
+    assert bias.shape == (2, 63) and not np.allclose(bias[0], bias[1]), "each layer's bias follows its own load"
 
 
 # --- placement ------------------------------------------------------------------------------------

@@ -13,21 +13,21 @@ baseline of every ratio), and reads:
 - temp MiB: memory_analysis().temp_size_in_bytes;
 - TFLOP/s: the step's useful FLOPs (6 x 2 x (n d f) x T K for the experts, 6 x 2 x d E x T for the
   router: forward 2, backward 4) / est seconds, and the same over the chip's bf16 peak (MFU).
---step adds the whole DeepSeekMoE-16B training step (configs/deepseekmoe_16b.py) on v5p:4x4x4 through
-moejax.aot (compile ~7 min and ~11 GiB on 2 CPU cores): estimated step seconds (XLA counts the grad_accum
-scan body once, so the estimate is grad_accum x the count, like aot's FLOPs) and MFU = analytic model FLOPs
-per chip / (est seconds x peak).
+--step adds the whole DeepSeekMoE-16B training step (configs/deepseekmoe_16b.py, layers unrolled so that
+the compiler counts each) on v5p:4x4x4 through moejax.aot (compile ~7 min and ~11 GiB on 2 CPU cores):
+estimated step seconds (XLA counts the grad_accum scan body once, so the estimate is grad_accum x the
+count, like aot's FLOPs) and MFU = analytic model FLOPs per chip (6 N + attention) / (est seconds x peak).
 
 Shapes (bf16 activations, float32 parameters cast to bf16 in the layer, as training runs them):
   16b      DeepSeekMoE-16B-like: T 8192 (B 2 x S 4096), d 2048, E 64, K 6, f 1408, softmax top-6.
   mixtral  Mixtral-like:         T 8192 (B 2 x S 4096), d 4096, E 8,  K 2, f 14336, top-2 renormalised.
 Variants: the backend 'auto' picks on TPU ('pallas'), and 'ragged_dot' (XLA's own grouped matmul).
-The compiles take 0.5-3 min each on 2 CPU cores; --quick compiles a 16x smaller T and d/2 on v5p only.
+The compiles take 0.5-3 min each on 2 CPU cores; --quick compiles one small shape on v5p (T 256, d 256,
+E 16, K 4, f 128) in ~30 s.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import time
 
@@ -36,6 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from experiments.benchmarks import common
+from experiments.benchmarks.moe_layer import Shape  # name, B, S, d, E, K, f, normalize; T = B S
 from moejax import moe
 from moejax import sharding
 
@@ -45,27 +46,11 @@ TOPOLOGY = {"v5p": "v5p:2x2x1", "v5e": "v5e:2x2", "v6e": "v6e:2x2"}  # one chip 
 PEAK_BF16_TFLOPS = {"v5p": 459.0, "v5e": 197.0, "v6e": 918.0}  # per chip (Google Cloud TPU pages)
 
 
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    name: str
-    B: int
-    S: int
-    d: int
-    E: int
-    K: int
-    f: int
-    normalize: bool = False
-
-    @property
-    def T(self) -> int:
-        return self.B * self.S
-
-
 SHAPES = (
     Shape("16b", B=2, S=4096, d=2048, E=64, K=6, f=1408),
     Shape("mixtral", B=2, S=4096, d=4096, E=8, K=2, f=14336, normalize=True),
 )
-QUICK_SHAPES = (Shape("16b-quick", B=1, S=512, d=1024, E=64, K=6, f=1408),)
+QUICK_SHAPES = (Shape("16b-quick", B=1, S=256, d=256, E=16, K=4, f=128),)
 VARIANTS = ("auto", "ragged_dot")
 
 
@@ -143,13 +128,16 @@ def layer_rows(gens, shapes, variants, log=print) -> list[dict]:
 
 
 def step_row(log=print) -> dict:
-    """The DeepSeekMoE-16B training step on v5p:4x4x4 (configs/deepseekmoe_16b.py as documented there)."""
+    """The DeepSeekMoE-16B training step on v5p:4x4x4 (configs/deepseekmoe_16b.py), its layers unrolled
+    (model.scan_layers=False): XLA's cost analysis counts a scanned layer once."""
+    from configs import deepseekmoe_16b
     from moejax import aot
-    from tests.test_aot import config  # configs/<name>.py loader with dotted overrides
 
     t0 = time.perf_counter()
-    c = config("deepseekmoe_16b")
-    report, compiled = aot.compile_report(c, "v5p:4x4x4", return_compiled=True)
+    c = deepseekmoe_16b.get_config()
+    c.model.scan_layers = False
+    with jax.default_matmul_precision("default"):
+        report, compiled = aot.compile_report(c, "v5p:4x4x4", return_compiled=True)
     accum = report["grad_accum"]
     est = estimate(compiled, report["model_flops_per_chip"] / accum, PEAK_BF16_TFLOPS["v5p"])
     row = {"gen": "v5p:4x4x4", "shape": "deepseekmoe_16b step", "variant": "auto", "grad_accum": accum,

@@ -137,8 +137,9 @@ def _expert_params(config_dict, vocab=384):
     mc = run.model_config(vocab)
     model = nnx.eval_shape(lambda: model_lib.Transformer(mc, rngs=nnx.Rngs(0)))
     sizes = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    blocks = list(model.blocks) + ([model.scanned] if model.n_scanned else [])  # scanned: stacked [L, ...]
     ffn = sum(sizes(nnx.state(b.ffn, nnx.Param)) - (b.ffn.router.size if hasattr(b.ffn, "router") else 0)
-              for b in model.blocks)
+              for b in blocks)
     return mc, sizes(nnx.state(model, nnx.Param)), ffn, metrics_lib.active_params(mc)["ffn"]
 
 

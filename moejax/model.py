@@ -174,7 +174,7 @@ class Transformer(nnx.Module):
         in layer order, as __call__ returns its stats); call after the optimizer step."""
         moe_layers = [l for l in range(self.config.n_layers) if self.config.is_moe(l)]
         for layer, load in zip(moe_layers, loads):
-            ffn = self.blocks[layer].ffn if layer < len(self.blocks) else None
+            ffn = self.blocks[layer].ffn if layer < len(self.blocks) else None  # None: a scanned layer
             if ffn is not None and ffn.config.n_experts and ffn.config.aux_free_bias:
                 ffn.update_bias(load)
         if self.n_scanned and self.config.moe.n_experts and self.config.moe.aux_free_bias:

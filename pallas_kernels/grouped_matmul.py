@@ -214,6 +214,7 @@ def _grouped_fwd(o, tgmm, x, y, group_sizes, group_offset):
 
 def _grouped_bwd(o, tgmm, res, dout):
     """gmm, out_r = x_r y_g (y_g^T if transposed): d x = gmm(dout, y) transposed the other way,
+    d y = tgmm(x, dout) (tgmm(dout, x) if transposed). tgmm, out_g = x_g^T y_g: d x = gmm(y, dout^T),
     d y = gmm(x, dout). Backward kernels use the default tiles for their shapes, or a callable tiling's."""
     x, y, group_sizes, group_offset = res
     back = o if callable(o.tiling) else dataclasses.replace(o, tiling=None)

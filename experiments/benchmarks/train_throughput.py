@@ -33,9 +33,9 @@ alike. Each row is compiled once, then warmed up with 1 step. Memory: XLA's comp
 Timed steps per row: 20 at tiny (16 x 128 tokens); 5 at small (32 x 512 tokens), whose MoE steps take
 3-8 s each on 2 idle cores (up to 15 s under load), so small-scale medians are of 5 steps; --repeats N
 sets both. --quick: tiny scale only, 3 steps per row.
-Expected (2-core x86_64 CPU, 24 GB, JAX 0.10.2; results/train_throughput_cpu.json): tiny dense ~65 ms/step,
-MoE rows 90-180 ms; small dense ~3 s/step, MoE rows 3.3-7.3 s; full run ~4 min on an idle machine
-(~6.5 min at load average 5), --quick ~25 s (mostly compilation, 1-4 s per row).
+Expected (2-core x86_64 CPU, 24 GB, JAX 0.10.2; results/train_throughput_cpu*.json): tiny dense 65-105 ms/step,
+MoE rows 90-280 ms; small dense 3-4 s/step, MoE rows 3.3-9.3 s (the machine's speed varied by 35% between
+days); full run 4-6 min, --quick ~25 s (mostly compilation, 1-4 s per row).
 """
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Expert feed-forward networks: dense FFNs and grouped (per-expert) FFNs over a dispatch buffer.
 
 Activations: 'swiglu' (Shazeer 2020: silu(x W_gate) * (x W_up) W_down, the default) and 'gelu'
-(gelu(x W_up) W_down). Expert weights: w_in [E, d, n, f] holding W_gate, W_up (n = 2, swiglu) or W_up
-(n = 1, gelu), multiplied as one [d, n f] matrix (one wide matmul beats two narrow ones); w_down [E, f, d].
-Dense FFN weights are the same without the leading E axis.
+(gelu(x W_up) W_down). Expert weights: w_gate (swiglu only) and w_up [E, d, f], w_down [E, f, d]; dense FFN
+weights are the same without the leading E axis. Except on the Pallas backend, W_gate and W_up are multiplied
+as one [d, 2 f] matrix (one wide matmul beat two narrow ones on CPU); the Pallas kernels take them one by one
+(no concatenated copy of the weights in HBM).
 
 Grouped-matmul backends (`BACKENDS`) compute rows [M, d] x w[expert of row] for a dispatch `Layout`:
 - 'einsum':     per-expert batched einsum over an [E, C, d] buffer; needs a per-expert layout
@@ -86,27 +87,42 @@ def n_in(activation: str) -> int:
     return 2 if activation == "swiglu" else 1
 
 
+def input_names(activation: str) -> tuple[str, ...]:
+    """Names of the input projections' weights: ('w_gate', 'w_up') for swiglu, ('w_up',) for gelu."""
+    return ("w_gate", "w_up")[2 - n_in(activation):]
+
+
 def _act(h: jax.Array, activation: str) -> jax.Array:
-    """[..., n f] input projections -> [..., f] hidden activations."""
+    """[..., n f] input projections (gate then up) -> [..., f] hidden activations."""
     if activation == "swiglu":
         gate, up = jnp.split(h, 2, axis=-1)
         return jax.nn.silu(gate) * up
     return jax.nn.gelu(h)
 
 
+def _w_in(params: dict, activation: str) -> jax.Array:
+    """The input projections as one [..., d, n f] weight (gate then up)."""
+    ws = [params[k] for k in input_names(activation)]
+    return ws[0] if len(ws) == 1 else jnp.concatenate(ws, axis=-1)
+
+
 def ffn(x: jax.Array, params: dict, activation: str = "swiglu") -> jax.Array:
-    """Dense FFN. x: [..., d]; params w_in [d, n, f], w_down [f, d]."""
-    w_in = params["w_in"].reshape(params["w_in"].shape[0], -1).astype(x.dtype)  # [d, n f]
-    return _act(x @ w_in, activation) @ params["w_down"].astype(x.dtype)
+    """Dense FFN. x: [..., d]; params w_gate (swiglu), w_up [d, f], w_down [f, d]."""
+    return _act(x @ _w_in(params, activation).astype(x.dtype), activation) @ params["w_down"].astype(x.dtype)
 
 
 def grouped_ffn(
     rows: jax.Array, params: dict, layout: Layout, activation: str = "swiglu", backend: str = "einsum"
 ) -> jax.Array:
-    """Per-expert FFN over a dispatch buffer. rows: [M, d] -> [M, d]; params w_in [E, d, n, f],
+    """Per-expert FFN over a dispatch buffer. rows: [M, d] -> [M, d]; params w_gate (swiglu), w_up [E, d, f],
     w_down [E, f, d]. Empty (zero) padding rows map to zero, as neither activation has a bias."""
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; allowed: {tuple(BACKENDS)}")
     mm = BACKENDS[backend]
-    w_in = params["w_in"].reshape(*params["w_in"].shape[:2], -1)  # [E, d, n f]
-    return mm(_act(mm(rows, w_in, layout), activation), params["w_down"], layout)
+    if backend != "pallas":
+        h = _act(mm(rows, _w_in(params, activation), layout), activation)
+    elif activation == "swiglu":  # one grouped matmul per input weight: no [E, d, 2 f] copy of the weights
+        h = jax.nn.silu(mm(rows, params["w_gate"], layout)) * mm(rows, params["w_up"], layout)
+    else:
+        h = jax.nn.gelu(mm(rows, params["w_up"], layout))
+    return mm(h, params["w_down"], layout)

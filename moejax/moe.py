@@ -285,14 +285,18 @@ def _param(rngs, shape, fan_in_axis, batch_axis, dtype, std: float = 0.0, axes=(
 
 
 def _ffn_params(d_model, width, n, activation, rngs, param_dtype, std=0.0, slots=None) -> nnx.Dict:
-    """FFN weights w_in [(n,) d, n_in, f] and w_down [(n,) f, d]: n stacked experts, or dense if n is None.
+    """FFN weights w_gate (swiglu only), w_up [(n,) d, f] and w_down [(n,) f, d]: n stacked experts, or dense
+    if n is None. Separate [d, f] input weights, not one [d, 2, f]: XLA:TPU tiles a size-2 axis as (2, 128),
+    which made the bf16 cast of the grouped FFN's weights about 3x dearer (experiments/benchmarks/README.md).
+    Drawn as one [(n,) d, n_in, f] tensor and split, so the initial values do not depend on the layout.
     With slots > n, zero weights for slots n.. are appended (never routed; see MoEConfig.pad_experts_to)."""
     lead = () if n is None else (n,)
     batch = tuple(range(len(lead)))
     ax = ("expert",) if n is not None else ()
-    w = dict(w_in=_param(rngs, lead + (d_model, experts.n_in(activation), width), len(lead), batch, param_dtype, std,
-                         ax + ("embed", None, "mlp")),
-             w_down=_param(rngs, lead + (width, d_model), len(lead), batch, param_dtype, std, ax + ("mlp", "embed")))
+    w_in = _param(rngs, lead + (d_model, experts.n_in(activation), width), len(lead), batch, param_dtype, std)[...]
+    w = dict(zip(experts.input_names(activation), (nnx.Param(w_in[..., i, :], axes=ax + ("embed", "mlp"))
+                                                   for i in range(w_in.shape[-2]))))
+    w["w_down"] = _param(rngs, lead + (width, d_model), len(lead), batch, param_dtype, std, ax + ("mlp", "embed"))
     if slots is not None and slots > n:
         pad = lambda v: nnx.Param(jnp.concatenate([v[...], jnp.zeros((slots - n,) + v.shape[1:], v.dtype)]),
                                   axes=v.get_metadata()["axes"])
@@ -409,13 +413,14 @@ class MoE(nnx.Module):
         return out, self._stats(r, B, dropped.sum() / jnp.maximum(r.mask.sum(), 1))
 
     def _sharded(self, fn, x, *per_seq):
-        """fn(x [b, S, d], *per_seq [b, ...], w_in, w_down, par) -> (y [b, S, d], per-sequence [b]) on every
-        device's sequences: inside a shard_map over the current mesh, or directly without one."""
+        """fn(x [b, S, d], *per_seq [b, ...], params, par) -> (y [b, S, d], per-sequence [b]) on every device's
+        sequences: inside a shard_map over the current mesh, or directly without one. params: the experts'
+        weights by name; their shard_map specs follow their `axes` ('expert' and 'mlp' stay split)."""
         c = self.config
-        weights = (self.experts["w_in"][...], self.experts["w_down"][...])
+        params = {k: v[...] for k, v in self.experts.items()}
         mesh = sharding.current_mesh()
         if mesh is None:
-            return fn(x, *per_seq, *weights, _Parallel())
+            return fn(x, *per_seq, params, _Parallel())
         n = sharding.axis_size("expert", mesh)
         check_placement(c, n)
         f = c.expert_width
@@ -423,17 +428,17 @@ class MoE(nnx.Module):
                   and f % sharding.axis_size(a, mesh) == 0]
         par = _Parallel("expert" if n > 1 else None, n, tensor[0] if tensor else None)
         batch = sharding.spec(("batch",), mesh=mesh)
-        w_specs = (P(par.expert, None, None, par.tensor), P(par.expert, par.tensor, None))
-        run = jax.shard_map(lambda *a: fn(*a, par), mesh=mesh, in_specs=(batch,) * (1 + len(per_seq)) + w_specs,
+        split = {"expert": par.expert, "mlp": par.tensor}
+        w_specs = {k: P(*(split.get(a) for a in v.get_metadata()["axes"][-v.ndim:])) for k, v in self.experts.items()}
+        run = jax.shard_map(lambda *a: fn(*a, par), mesh=mesh, in_specs=(batch,) * (1 + len(per_seq)) + (w_specs,),
                             out_specs=(batch, batch))
-        return run(x, *per_seq, *weights)
+        return run(x, *per_seq, params)
 
-    def _token_choice(self, x, ids, w, mask, prio, w_in, w_down, par: _Parallel):
+    def _token_choice(self, x, ids, w, mask, prio, params, par: _Parallel):
         """Local token-choice dispatch, expert FFNs, combine. x [b, S, d]; ids, w, mask [b, S, K]; prio [b, S]."""
         c = self.config
         b, S, d = x.shape
         E, K = c.n_slots, c.top_k
-        params = {"w_in": w_in, "w_down": w_down}
         if c.dispatch == "capacity":
             C = dispatch.capacity(S, K, c.n_experts, c.capacity_factor)
             plan_fn = lambda i, m, p: dispatch.capacity_plan(i, m, E, C, p if c.batch_prioritized else None)
@@ -497,12 +502,12 @@ class MoE(nnx.Module):
         return out, MoEStats(c.z_loss_coef * zl, zero, zero, zero, c.z_loss_coef * zl, load,
                              balance.max_violation(load), unchosen.sum() / (B * S), balance.router_entropy(ec.probs))
 
-    def _expert_choice_local(self, x, token_ids, gates, w_in, w_down, par: _Parallel):
+    def _expert_choice_local(self, x, token_ids, gates, params, par: _Parallel):
         """x [b, S, d]; token_ids, gates [b, E, C] -> (y [b, S, d], zeros [b])."""
         b, S, d = x.shape
         _, E, C = token_ids.shape
         rows = jax.vmap(dispatch.dispatch_expert_choice)(x, token_ids).reshape(b, E, C, d)
-        ys = self._per_expert_ffn(rows, {"w_in": w_in, "w_down": w_down}, par).reshape(b, E * C, d)
+        ys = self._per_expert_ffn(rows, params, par).reshape(b, E * C, d)
         out = jax.vmap(dispatch.combine_expert_choice, (0, 0, 0, None))(ys, gates, token_ids, S)
         return out, jnp.zeros((b,), jnp.int32)
 

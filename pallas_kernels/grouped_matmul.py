@@ -35,9 +35,9 @@ Tiles (tm, tk, tn) default to `default_tiling(platform, m, k, n, dtype, op)`, pe
 
   | shape (m, k, n)                          | op   | tiles (tm, tk, tn) |
   |------------------------------------------|------|--------------------|
-  | DeepSeekMoE-16B w_in (49152, 2048, 2816) | gmm  | (128, 2048, 2816)  |
+  | [d, 2f] of DeepSeekMoE-16B (49152, 2048, 2816) | gmm | (128, 2048, 2816) |
   | the same                                 | tgmm | (128, 2048, 1408)  |
-  | Mixtral w_in (16384, 4096, 28672)        | gmm  | (128, 4096, 1792)  |
+  | [d, 2f] of Mixtral (16384, 4096, 28672)  | gmm  | (128, 4096, 1792)  |
   | Mixtral w_down (16384, 14336, 4096)      | gmm  | (128, 14336, 384)  |
 
 - GPU: tm = tn = 128, tk = 64 (32 for float32), 4 warps, 3 pipeline stages (not tuned on a GPU yet).

@@ -7,9 +7,8 @@ Routing decisions (which experts a token picks, which picks survive the capacity
 constant in the inputs, so `decide` makes them once on concrete numbers; `forward` then recomputes
 gate values and FFNs with jax.numpy on single vectors, so jax.grad flows into x and every weight.
 
-Parameters are a plain dict (see `params_of`): router [d, E], experts {w_in [E, d, n, f] (n = 2: W_gate,
-W_up for swiglu; n = 1: W_up for gelu), w_down [E, f, d]}, shared {w_in [d, n, Ks f], w_down [Ks f, d]},
-bias [E].
+Parameters are a plain dict (see `params_of`): router [d, E], experts {w_gate (swiglu only), w_up [E, d, f],
+w_down [E, f, d]}, shared {w_gate, w_up [d, Ks f], w_down [Ks f, d]}, bias [E].
 """
 from __future__ import annotations
 
@@ -52,8 +51,8 @@ class Decision:
 @functools.partial(jax.jit, static_argnames="activation")
 def ffn(x, w, activation):
     """One FFN on one vector x [d]: swiglu silu(x W_gate) * (x W_up) W_down, or gelu(x W_up) W_down."""
-    up = x @ w["w_in"][:, -1, :]  # W_up is the last input projection
-    h = jax.nn.silu(x @ w["w_in"][:, 0, :]) * up if activation == "swiglu" else jax.nn.gelu(up)
+    up = x @ w["w_up"]
+    h = jax.nn.silu(x @ w["w_gate"]) * up if activation == "swiglu" else jax.nn.gelu(up)
     return h @ w["w_down"]
 
 

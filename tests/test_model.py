@@ -57,7 +57,7 @@ def test_scanned_layers_equal_the_unrolled_model(remat):
     scanned = make(n_layers=4, first_k_dense=1, moe_cfg=mcfg, scan_layers=True, remat=remat)
     unrolled = make(n_layers=4, first_k_dense=1, moe_cfg=mcfg, remat=remat)
     assert len(scanned.blocks) == 1 and scanned.n_scanned == 3
-    assert scanned.scanned.ffn.experts["w_in"].get_metadata()["axes"][0] is None
+    assert scanned.scanned.ffn.experts["w_up"].get_metadata()["axes"][0] is None
     assert scanned.scanned.ffn.bias[...].shape == (3, 7)
     nnx.update(scanned.scanned.ffn.bias, jnp.arange(21.0).reshape(3, 7) * 1e-3)  # distinct biases per layer
     nnx.update(unrolled.blocks[0], nnx.state(scanned.blocks[0]))
@@ -82,8 +82,8 @@ def test_scanned_layers_equal_the_unrolled_model(remat):
         for path in (("attn", "wo"), ("ffn", "router")):
             np.testing.assert_allclose(gs["scanned"][path[0]][path[1]][...][l],
                                        gu["blocks"][l + 1][path[0]][path[1]][...], **F32)
-        np.testing.assert_allclose(gs["scanned"]["ffn"]["experts"]["w_in"][...][l],
-                                   gu["blocks"][l + 1]["ffn"]["experts"]["w_in"][...], **F32)
+        np.testing.assert_allclose(gs["scanned"]["ffn"]["experts"]["w_gate"][...][l],
+                                   gu["blocks"][l + 1]["ffn"]["experts"]["w_gate"][...], **F32)
     loads = [s.load for s in sb]
     scanned.update_biases(loads)
     unrolled.update_biases(loads)

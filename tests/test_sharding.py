@@ -128,13 +128,13 @@ def test_scanned_layers_sharded_equal_single_device():
     updates, layer by layer) as on one device."""
     loss0, grads0, params0, _, losses0 = run("deepseekmoe", "dropless", None, scan=True)
     loss, grads, params, _, losses = run("deepseekmoe", "dropless", "fsdp2_expert2_tensor2", scan=True)
-    assert params0["scanned"]["ffn"]["experts"]["w_in"].shape[0] == 2
+    assert params0["scanned"]["ffn"]["experts"]["w_up"].shape[0] == 2
     assert_trees_close(params, params0, "init ")
     np.testing.assert_allclose(loss, loss0, **F32, err_msg="loss of step 0")
     assert_trees_close(grads, grads0, "grads ")
     np.testing.assert_allclose(losses, losses0, **F32, err_msg="losses of 3 train steps")
     final = FINAL["deepseekmoe", "dropless", "fsdp2_expert2_tensor2", 3, "auto", True]
-    assert final["specs"]["scanned"]["ffn"]["experts"]["w_in"] == P(None, "expert", "fsdp", None, "tensor")
+    assert final["specs"]["scanned"]["ffn"]["experts"]["w_gate"] == P(None, "expert", "fsdp", "tensor")
     bias = np.asarray(final["rest"]["scanned"]["ffn"]["bias"])
     assert bias.shape == (2, 63) and not np.allclose(bias[0], bias[1]), "each layer's bias follows its own load"
 
@@ -146,13 +146,13 @@ def test_parameters_and_batches_are_split_by_the_rules():
     trainer = train.Trainer(model_config("gshard", "dropless"), config_lib.TrainConfig(), 0, mesh)
     p = trainer.init()["params"]
     ffn = p["blocks"][0]["ffn"]
-    assert ffn["experts"]["w_in"].sharding.spec == P("expert", "fsdp", None, "tensor")
+    assert ffn["experts"]["w_gate"].sharding.spec == P("expert", "fsdp", "tensor")
     assert ffn["experts"]["w_down"].sharding.spec == P("expert", "tensor", "fsdp")
     assert p["blocks"][0]["attn"]["wqkv"].sharding.spec == P("fsdp", None, "tensor", None)
     assert p["embed"].sharding.spec == P("tensor", "fsdp")
     assert p["blocks"][0]["attn_norm"]["scale"].sharding.spec == P(None)
     opt_mu = trainer.init()["opt"][1][0].mu  # AdamW's first moment mirrors the parameter's sharding
-    assert opt_mu["blocks"][0]["ffn"]["experts"]["w_in"].sharding.spec == P("expert", "fsdp", None, "tensor")
+    assert opt_mu["blocks"][0]["ffn"]["experts"]["w_up"].sharding.spec == P("expert", "fsdp", "tensor")
     assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp", "expert"), None)
     # a dimension the mesh axes do not divide stays whole; a mesh axis is used once per spec
     assert sharding.spec(("heads", "mlp"), (3, 4), mesh) == P(None, "tensor")
@@ -164,7 +164,7 @@ def test_expert_slots_are_placed_contiguously():
     and group-limited routing assume."""
     mesh = mesh_of("data2_expert4")
     trainer = train.Trainer(model_config("gshard", "dropless"), config_lib.TrainConfig(), 0, mesh)
-    w = trainer.init()["params"]["blocks"][0]["ffn"]["experts"]["w_in"]
+    w = trainer.init()["params"]["blocks"][0]["ffn"]["experts"]["w_up"]
     for device, index in w.sharding.devices_indices_map(w.shape).items():
         j = int(np.argwhere(mesh.devices == device)[0][mesh.axis_names.index("expert")])
         assert index[0] == slice(4 * j, 4 * (j + 1))

@@ -42,16 +42,17 @@ def _default_xla_cpu_flags() -> None:
     """With jaxlib 0.10, turn XLA:CPU's YNNPACK fusions off (`--xla_cpu_experimental_ynn_fusion_type=`).
 
     Why: jaxlib 0.10.2 (what Python 3.11 installs) compiles the expert FFN's batched matmuls into YNNPACK
-    fusions that run on one thread; without them the tiny Table-1 training step of DeepSeekMoE took 230
-    instead of 293 ms on 2 cores, GShard 208 instead of 241 (experiments/benchmarks/README.md). jaxlib 0.12's
-    fusions are faster than the fallback, so nothing changes there. XLA reads XLA_FLAGS when the first
+    fusions that run on one thread (16.3 ms instead of 10.2 for DeepSeekMoE tiny's first expert matmul on 2
+    cores); without them small-scale Table-1 training steps were 7-14% faster and took 9-25% less temp memory
+    (experiments/benchmarks/README.md, train_throughput). jaxlib 0.12's fusions are faster than the fallback,
+    so nothing changes there. XLA reads XLA_FLAGS when the first
     backend starts, so this works after `import jax` too, as long as nothing has run. A ynn setting already
     in XLA_FLAGS wins.
     """
+    from importlib.metadata import PackageNotFoundError, version
     try:
-        from importlib.metadata import version
         major_minor = tuple(int(v) for v in version("jaxlib").split(".")[:2])
-    except Exception:  # no jaxlib metadata: leave XLA alone
+    except (PackageNotFoundError, ValueError):  # no jaxlib metadata, or an unparsable version: leave XLA alone
         return
     flags = _os.environ.get("XLA_FLAGS", "")
     if major_minor == (0, 10) and "ynn_fusion_type" not in flags:

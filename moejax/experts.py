@@ -92,12 +92,12 @@ def input_names(activation: str) -> tuple[str, ...]:
     return ("w_gate", "w_up")[2 - n_in(activation):]
 
 
-def _act(h: jax.Array, activation: str) -> jax.Array:
-    """[..., n f] input projections (gate then up) -> [..., f] hidden activations."""
+def _act(proj: list[jax.Array], activation: str) -> jax.Array:
+    """Input projections [..., f] (gate then up for swiglu; up for gelu) -> [..., f] hidden activations."""
     if activation == "swiglu":
-        gate, up = jnp.split(h, 2, axis=-1)
+        gate, up = proj
         return jax.nn.silu(gate) * up
-    return jax.nn.gelu(h)
+    return jax.nn.gelu(proj[0])
 
 
 def _w_in(params: dict, activation: str) -> jax.Array:
@@ -108,7 +108,8 @@ def _w_in(params: dict, activation: str) -> jax.Array:
 
 def ffn(x: jax.Array, params: dict, activation: str = "swiglu") -> jax.Array:
     """Dense FFN. x: [..., d]; params w_gate (swiglu), w_up [d, f], w_down [f, d]."""
-    return _act(x @ _w_in(params, activation).astype(x.dtype), activation) @ params["w_down"].astype(x.dtype)
+    h = x @ _w_in(params, activation).astype(x.dtype)  # [..., n f]
+    return _act(jnp.split(h, n_in(activation), axis=-1), activation) @ params["w_down"].astype(x.dtype)
 
 
 def grouped_ffn(
@@ -119,10 +120,8 @@ def grouped_ffn(
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; allowed: {tuple(BACKENDS)}")
     mm = BACKENDS[backend]
-    if backend != "pallas":
-        h = _act(mm(rows, _w_in(params, activation), layout), activation)
-    elif activation == "swiglu":  # one grouped matmul per input weight: no [E, d, 2 f] copy of the weights
-        h = jax.nn.silu(mm(rows, params["w_gate"], layout)) * mm(rows, params["w_up"], layout)
-    else:
-        h = jax.nn.gelu(mm(rows, params["w_up"], layout))
-    return mm(h, params["w_down"], layout)
+    if backend == "pallas":  # one grouped matmul per input weight: no [E, d, 2 f] copy of the weights
+        proj = [mm(rows, params[k], layout) for k in input_names(activation)]
+    else:  # one wide matmul
+        proj = jnp.split(mm(rows, _w_in(params, activation), layout), n_in(activation), axis=-1)
+    return mm(_act(proj, activation), params["w_down"], layout)

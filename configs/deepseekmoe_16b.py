@@ -31,7 +31,7 @@ Expert parallelism does not help here: fsdp=8 x expert=8 needs 99.4 GiB per chip
 as each chip's dropless receive buffer holds every row that all 8 chips of its expert group could send.
 """
 from moejax import config as config_lib
-from moejax import moe
+from moejax import model_config
 
 PAPER_BATCH = 4608  # 4.5K sequences
 PAPER_STEPS = 106449  # 2T tokens / (4608 x 4096)
@@ -42,7 +42,7 @@ def get_config(arg=None):
     return config_lib.experiment(
         model=dict(n_layers=28, d_model=2048, n_heads=16, first_k_dense=1, dense_d_ff=10944, vocab_size=102400,
                    tie_embeddings=False, dtype="bfloat16", init_std=0.006, remat=True, scan_layers=True),
-        moe=moe.MoEConfig(d_model=2048, d_ff=1408, n_experts=64, top_k=6, n_shared=2, segmentation=1,
+        moe=model_config.MoEConfig(d_model=2048, d_ff=1408, n_experts=64, top_k=6, n_shared=2, segmentation=1,
                           aux_loss_coef=0.001, dispatch="dropless", backend="auto"),
         data=dict(seq_len=4096, batch_size=PAPER_BATCH, tokenizer="spm100k.model"),
         train=dict(steps=PAPER_STEPS, warmup_steps=2000, lr=4.2e-4, schedule="deepseekmoe", decay_at=(0.8, 0.9),

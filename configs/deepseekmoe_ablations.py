@@ -46,7 +46,7 @@ import dataclasses
 import importlib.util
 import os
 
-from moejax import moe
+from moejax import model_config
 
 _spec = importlib.util.spec_from_file_location(
     "deepseekmoe_table1", os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepseekmoe_table1.py"))
@@ -65,27 +65,27 @@ def _width(d_ff: int, ratio: float) -> int:
 
 VARIANTS = {
     **{m: (lambda m: lambda d, f: table1.moe_config(m, d, f))(m) for m in table1.METHODS},
-    "gshard_x1.2": lambda d, f: moe.gshard(d, _width(f, 1.2), n_experts=16, **LEARNED),
-    "gshard_x1.5": lambda d, f: moe.gshard(d, _width(f, 1.5), n_experts=16, **LEARNED),
-    "dense_x4": lambda d, f: moe.dense(d, 4 * f),
-    "dense_x16": lambda d, f: moe.dense(d, 16 * f),
-    "seg_1s_1of15": lambda d, f: moe.deepseekmoe(d, f, n_experts=16, top_k=2, m=1, n_shared=1),
-    "seg_1s_3of31": lambda d, f: moe.deepseekmoe(d, f, n_experts=16, top_k=2, m=2, n_shared=1),
-    "shared_2of64": lambda d, f: moe.deepseekmoe(d, f, n_experts=16, top_k=2, m=4, n_shared=2),
-    "shared_4of64": lambda d, f: moe.deepseekmoe(d, f, n_experts=16, top_k=2, m=4, n_shared=4),
-    "aux_free": lambda d, f: moe.deepseekmoe(d, f, n_experts=16, top_k=2, m=4, n_shared=1, aux_loss_coef=0.0,
+    "gshard_x1.2": lambda d, f: model_config.gshard(d, _width(f, 1.2), n_experts=16, **LEARNED),
+    "gshard_x1.5": lambda d, f: model_config.gshard(d, _width(f, 1.5), n_experts=16, **LEARNED),
+    "dense_x4": lambda d, f: model_config.dense(d, 4 * f),
+    "dense_x16": lambda d, f: model_config.dense(d, 16 * f),
+    "seg_1s_1of15": lambda d, f: model_config.deepseekmoe(d, f, n_experts=16, top_k=2, m=1, n_shared=1),
+    "seg_1s_3of31": lambda d, f: model_config.deepseekmoe(d, f, n_experts=16, top_k=2, m=2, n_shared=1),
+    "shared_2of64": lambda d, f: model_config.deepseekmoe(d, f, n_experts=16, top_k=2, m=4, n_shared=2),
+    "shared_4of64": lambda d, f: model_config.deepseekmoe(d, f, n_experts=16, top_k=2, m=4, n_shared=4),
+    "aux_free": lambda d, f: model_config.deepseekmoe(d, f, n_experts=16, top_k=2, m=4, n_shared=1, aux_loss_coef=0.0,
                                              aux_free_bias=True, bias_update_rate=1e-3),
-    "no_balance": lambda d, f: moe.deepseekmoe(d, f, n_experts=16, top_k=2, m=4, n_shared=1, aux_loss_coef=0.0),
-    "olmoe": lambda d, f: moe.olmoe(d, f, n_experts=64, top_k=8, segmentation=4),
-    "olmoe_shared": lambda d, f: moe.olmoe(d, f, n_experts=63, top_k=7, n_shared=1, segmentation=4),
-    "expert_choice": lambda d, f: moe.expert_choice(d, f, n_experts=64, top_k=8, segmentation=4),
+    "no_balance": lambda d, f: model_config.deepseekmoe(d, f, n_experts=16, top_k=2, m=4, n_shared=1, aux_loss_coef=0.0),
+    "olmoe": lambda d, f: model_config.olmoe(d, f, n_experts=64, top_k=8, segmentation=4),
+    "olmoe_shared": lambda d, f: model_config.olmoe(d, f, n_experts=63, top_k=7, n_shared=1, segmentation=4),
+    "expert_choice": lambda d, f: model_config.expert_choice(d, f, n_experts=64, top_k=8, segmentation=4),
     "switch_gs": lambda d, f: dataclasses.replace(table1.moe_config("switch", d, f), routed_scale=GATE_SCALE["switch"]),
     "deepseekmoe_gs": lambda d, f: dataclasses.replace(table1.moe_config("deepseekmoe", d, f),
                                                        routed_scale=GATE_SCALE["deepseekmoe"]),
 }
 
 
-def moe_config(variant: str, d_model: int, d_ff: int) -> moe.MoEConfig:
+def moe_config(variant: str, d_model: int, d_ff: int) -> model_config.MoEConfig:
     if variant not in VARIANTS:
         raise ValueError(f"variant={variant!r} is invalid; allowed: {tuple(VARIANTS)}")
     return VARIANTS[variant](d_model, d_ff)

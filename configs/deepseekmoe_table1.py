@@ -80,7 +80,7 @@ dense 2.060, hash 1.932, switch 1.881, gshard 1.867, deepseekmoe 1.808. small: ~
 paper: 25K steps of 4M tokens, about 2.9 / 4.3 TFLOPs per 2K tokens (1x / 2x active).
 """
 from moejax import config as config_lib
-from moejax import moe
+from moejax import model_config
 
 METHODS = ("dense", "hash", "switch", "gshard", "deepseekmoe")
 SCALES = {
@@ -109,19 +109,19 @@ SCANNED = ("paper",)
 VALIDATION = {"tiny": dict(val_fraction=0.04, final_eval_steps=256), "small": dict(val_fraction=0.04)}
 
 
-def moe_config(method: str, d_model: int, d_ff: int) -> moe.MoEConfig:
+def moe_config(method: str, d_model: int, d_ff: int) -> model_config.MoEConfig:
     """The FFN of `method` for a standard FFN width d_ff (16x expert parameters, no token dropping)."""
     learned = dict(dispatch="dropless", aux_loss_coef=0.01)
     if method == "dense":
-        return moe.dense(d_model, d_ff)
+        return model_config.dense(d_model, d_ff)
     if method == "hash":
-        return moe.hash_layer(d_model, d_ff, n_experts=16, top_k=1)
+        return model_config.hash_layer(d_model, d_ff, n_experts=16, top_k=1)
     if method == "switch":
-        return moe.switch(d_model, d_ff, n_experts=16, **learned)
+        return model_config.switch(d_model, d_ff, n_experts=16, **learned)
     if method == "gshard":
-        return moe.gshard(d_model, d_ff, n_experts=16, **learned)
+        return model_config.gshard(d_model, d_ff, n_experts=16, **learned)
     if method == "deepseekmoe":
-        return moe.deepseekmoe(d_model, d_ff, n_experts=16, top_k=2, m=4, n_shared=1, **learned)
+        return model_config.deepseekmoe(d_model, d_ff, n_experts=16, top_k=2, m=4, n_shared=1, **learned)
     raise ValueError(f"method={method!r} is invalid; allowed: {METHODS}")
 
 

@@ -62,7 +62,8 @@ def _default_xla_cpu_flags() -> None:
 _default_platform_env()
 _default_xla_cpu_flags()
 
-from moejax import balance, dispatch, experts, routing  # noqa: E402
-from moejax.moe import PRESETS, MoE, MoEConfig, MoEStats, preset  # noqa: E402
+from moejax import balance, dispatch, experts, routers, routing  # noqa: E402
+from moejax.model_config import PRESETS, ModelConfig, MoEConfig, preset  # noqa: E402
+from moejax.moe import MoE, MoEStats  # noqa: E402
 
 __version__ = "0.1.0"

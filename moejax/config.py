@@ -20,11 +20,9 @@ from typing import Any
 
 import ml_collections
 
-from moejax import model as model_lib
-from moejax import moe as moe_lib
-from moejax import sharding
+from moejax import model_config, sharding
 
-_require = moe_lib.require_for("TrainConfig")
+_require = model_config.require_for("TrainConfig")
 SCHEDULES = ("deepseekmoe", "cosine", "constant")
 
 
@@ -93,22 +91,22 @@ class RunConfig:
     mesh: sharding.MeshConfig = sharding.MeshConfig()
     vocab_size: int = 0  # config.model.vocab_size: 0 = the tokenizer's
 
-    def model_config(self, tokenizer_vocab: int) -> model_lib.ModelConfig:
+    def model_config(self, tokenizer_vocab: int) -> model_config.ModelConfig:
         """The ModelConfig for a tokenizer of `tokenizer_vocab` ids."""
         if self.vocab_size and self.vocab_size < tokenizer_vocab:
             raise ValueError(f"config.model.vocab_size={self.vocab_size} is invalid; allowed: 0 (the tokenizer's) or "
                              f">= the tokenizer's vocabulary of {tokenizer_vocab}")
-        return model_lib.ModelConfig(vocab_size=self.vocab_size or tokenizer_vocab, max_len=self.data.seq_len,
+        return model_config.ModelConfig(vocab_size=self.vocab_size or tokenizer_vocab, max_len=self.data.seq_len,
                                      **self.model)
 
 
-def experiment(model: dict, moe: moe_lib.MoEConfig, data: dict, train: dict, seed: int = 0, mesh: dict | None = None
+def experiment(model: dict, moe: model_config.MoEConfig, data: dict, train: dict, seed: int = 0, mesh: dict | None = None
                ) -> ml_collections.ConfigDict:
     """An experiment ConfigDict holding every field of the typed configs (defaults filled in), so that
     any of them can be overridden on the command line (--config.train.lr=...)."""
     from moejax import data as data_lib
 
-    model_defaults = {f.name: f.default for f in dataclasses.fields(model_lib.ModelConfig)
+    model_defaults = {f.name: f.default for f in dataclasses.fields(model_config.ModelConfig)
                       if f.name not in ("vocab_size", "max_len", "moe") and f.default is not dataclasses.MISSING}
     model_defaults["vocab_size"] = 0
     check_keys(model, set(model_defaults) | {"d_model", "n_layers", "n_heads"}, "model")
@@ -188,7 +186,7 @@ def to_typed(config: ml_collections.ConfigDict) -> RunConfig:
         if part not in c:
             raise ValueError(f"config.{part} is missing; an experiment config has model, data, train and seed")
     m = dict(c["model"])
-    model_keys = _fields(model_lib.ModelConfig, ("max_len",))
+    model_keys = _fields(model_config.ModelConfig, ("max_len",))
     check_keys(m, model_keys, "config.model")
     vocab = m.pop("vocab_size", 0)
     if not (isinstance(vocab, int) and vocab >= 0):
@@ -196,8 +194,8 @@ def to_typed(config: ml_collections.ConfigDict) -> RunConfig:
                          f"the tokenizer's vocabulary")
     if "moe" not in m:
         raise ValueError("config.model.moe is missing; give MoEConfig fields (n_experts=0, n_shared=1 for dense)")
-    m["moe"] = _build(moe_lib.MoEConfig, m["moe"], "config.model.moe", ("d_model",), d_model=m.get("d_model", 0))
-    model_lib.ModelConfig(vocab_size=1, **m)  # validate now, before any data is read
+    m["moe"] = _build(model_config.MoEConfig, m["moe"], "config.model.moe", ("d_model",), d_model=m.get("d_model", 0))
+    model_config.ModelConfig(vocab_size=1, **m)  # validate now, before any data is read
     return RunConfig(model=m, data=_build(data_lib.DataConfig, c["data"], "config.data"),
                      train=_build(TrainConfig, c["train"], "config.train"), seed=int(c.get("seed", 0)),
                      mesh=_build(sharding.MeshConfig, c.get("mesh", {}), "config.mesh"), vocab_size=vocab)

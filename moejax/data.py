@@ -60,7 +60,7 @@ import tensorflow_datasets as tfds
 
 from moejax import datasets
 from moejax.datasets import pypi_corpus  # not in datasets/__init__: `python -m` runs it
-from moejax.moe import require_for
+from moejax.model_config import require_for
 from moejax.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer
 
 SOURCES = ("stdlib", "text_dir", "tfds", "pypi")

@@ -8,7 +8,8 @@ import os
 
 import numpy as np
 
-from moejax import model as model_lib
+from moejax import routers
+from moejax.model_config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device (vendor datasheets); matched as a substring of device_kind, lower case.
 PEAK_FLOPS = {
@@ -23,22 +24,24 @@ def peak_flops(device_kind: str) -> float:
     return next((v for k, v in PEAK_FLOPS.items() if k in kind), 0.0)
 
 
-def active_params(config: model_lib.ModelConfig) -> dict[str, float]:
-    """Parameters each token multiplies by: attention, FFN (shared + K routed experts, or E C / T for
-    expert choice), router, unembedding. Embedding lookups and norms are not counted."""
+def active_params(config: ModelConfig) -> dict[str, float]:
+    """Parameters each token multiplies by: attention, FFN (shared + the routed experts a token uses, as
+    its router's registry entry counts them: K, or E C / T for expert choice), router (if it owns a weight),
+    unembedding. Embedding lookups and norms are not counted."""
     d, n = config.d_model, {"attention": 0.0, "ffn": 0.0, "router": 0.0}
     for layer in range(config.n_layers):
         m = config.ffn_config(layer)
         mats = 3 if m.activation == "swiglu" else 2
-        routed = m.top_k * (m.capacity_factor if m.router == "expert_choice" else 1.0)
+        router = routers.get(m.router)
+        routed = router.experts_per_token(m) if m.n_experts else 0.0
         n["attention"] += 4 * d * d
         n["ffn"] += mats * d * m.expert_width * (m.n_shared + routed)
-        n["router"] += d * m.n_experts if m.n_experts and m.router != "hash" else 0
+        n["router"] += d * m.n_experts if m.n_experts and router.learned else 0
     n["unembed"] = d * config.vocab_size
     return n
 
 
-def flops_per_token(config: model_lib.ModelConfig, seq_len: int) -> float:
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token, 6 N_active + 12 L d S (PaLM, Chowdhery et al. 2022, app. B: matmuls
     forward and backward, attention scores and values without a causal discount)."""
     return 6 * sum(active_params(config).values()) + 12 * config.n_layers * config.d_model * seq_len

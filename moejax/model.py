@@ -16,54 +16,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import moe as moe_lib
+from moejax.model_config import ModelConfig
 from moejax import routing
 from moejax import sharding
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """A decoder LM; `moe` configures every MoE layer (its d_model must equal d_model)."""
-
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    moe: moe_lib.MoEConfig
-    dense_d_ff: int = 0  # width of the dense FFN layers; 0 = moe.d_ff
-    first_k_dense: int = 0
-    moe_every: int = 1
-    max_len: int = 2048
-    rope_base: float = 10000.0
-    tie_embeddings: bool = True
-    dtype: str = "float32"
-    init_std: float = 0.0  # > 0: every weight N(0, init_std) (DeepSeekMoE: 0.006); 0: fan-in, embeddings N(0, 1)
-    remat: bool = False  # recompute each block's activations in the backward pass (jax.checkpoint)
-    scan_layers: bool = False  # the layers from first_k_dense on as one jax.lax.scan (see Transformer)
-
-    def __post_init__(self):
-        req = moe_lib.require_for("ModelConfig")
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "moe_every", "max_len"):
-            req(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
-        req(self.d_model % self.n_heads == 0 and (self.d_model // self.n_heads) % 2 == 0, "n_heads",
-            self.n_heads, f"a divisor of d_model={self.d_model} leaving an even head width")
-        req(self.moe.d_model == self.d_model, "moe.d_model", self.moe.d_model, f"d_model={self.d_model}")
-        req(0 <= self.first_k_dense <= self.n_layers, "first_k_dense", self.first_k_dense,
-            f"0 <= first_k_dense <= n_layers={self.n_layers}")
-        req(self.dense_d_ff >= 0, "dense_d_ff", self.dense_d_ff, "an integer >= 0 (0 = moe.d_ff)")
-        req(self.rope_base > 0, "rope_base", self.rope_base, "> 0")
-        req(self.init_std >= 0, "init_std", self.init_std, ">= 0 (0 = fan-in scaled)")
-        req(self.dtype in ("float32", "bfloat16"), "dtype", self.dtype, "('float32', 'bfloat16')")
-        req(not self.scan_layers or self.moe_every == 1, "scan_layers", self.scan_layers,
-            f"False with moe_every={self.moe_every} (scanned layers must all be alike: moe_every=1)")
-
-    def is_moe(self, layer: int) -> bool:
-        """Whether layer `layer` has an MoE FFN (else a dense FFN)."""
-        return layer >= self.first_k_dense and (layer - self.first_k_dense) % self.moe_every == 0
-
-    def ffn_config(self, layer: int) -> moe_lib.MoEConfig:
-        if self.is_moe(layer):
-            return self.moe
-        return moe_lib.dense(self.d_model, self.dense_d_ff or self.moe.d_ff, activation=self.moe.activation)
 
 
 ACT = ("batch", "length", "embed")  # activations between layers: split by batch (moejax.sharding)
@@ -117,6 +72,20 @@ class Attention(nnx.Module):
         return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(x.dtype))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What every block reads besides x: positions [B, S], segment_ids [B, S] (packed documents) or None,
+    token_ids [B, S] (the hash router's input), key (this layer's randomness, training only) and train
+    (static: training or evaluation mode)."""
+
+    positions: jax.Array
+    segment_ids: jax.Array | None = None
+    token_ids: jax.Array | None = None
+    key: jax.Array | None = None
+    train: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+
 class Block(nnx.Module):
     """Pre-norm transformer block: x + Attn(norm(x)); x + FFN(norm(x)) with a dense or MoE FFN."""
 
@@ -126,15 +95,21 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(config.d_model)
         self.ffn = moe_lib.MoE(config.ffn_config(layer), rngs=rngs, init_std=config.init_std)
 
-    def __call__(self, x, positions, segment_ids, token_ids, key):
-        x = x + self.attn(self.attn_norm(x), positions, segment_ids)
-        y, stats = self.ffn(self.ffn_norm(x), token_ids=token_ids, key=key)
-        return x + y, stats
+    def ffn_input(self, x, ctx: Context):
+        """(h = x + Attn(norm(x)) [B, S, d], the FFN's (and router's) input norm(h))."""
+        h = x + self.attn(self.attn_norm(x), ctx.positions, ctx.segment_ids)
+        return h, self.ffn_norm(h)
+
+    def __call__(self, x, ctx: Context):
+        h, u = self.ffn_input(x, ctx)
+        y, stats = self.ffn(u, token_ids=ctx.token_ids, key=ctx.key, train=ctx.train)
+        return h + y, stats
 
 
 class Transformer(nnx.Module):
-    """__call__(tokens [B, S], positions, segment_ids, key) -> (logits [B, S, V] float32, [MoEStats per
-    MoE layer]). Dense layers' stats are not returned. Auxiliary losses are in each MoEStats.loss.
+    """__call__(tokens [B, S], positions, segment_ids, *, key, train) -> (logits [B, S, V] float32, [MoEStats
+    per routed layer (ModelConfig.routed_layers)]). Auxiliary losses are in each MoEStats.loss. train=True
+    (training: GShard's random second expert, router jitter) needs a key.
 
     scan_layers=True (MaxText's scan_layers): the n_layers - first_k_dense layers from first_k_dense on
     (all MoE, moe_every=1) are one Block whose parameters carry a leading layer axis [L, ...] (logical axis
@@ -170,16 +145,18 @@ class Transformer(nnx.Module):
         return nnx.merge(graphdef, jax.tree.map(lambda a: a[layer - len(self.blocks)], state))
 
     def update_biases(self, loads) -> None:
-        """Aux-loss-free bias step of every MoE layer with a router bias from its load [E] (one per MoE layer,
-        in layer order, as __call__ returns its stats); call after the optimizer step."""
-        moe_layers = [l for l in range(self.config.n_layers) if self.config.is_moe(l)]
-        for layer, load in zip(moe_layers, loads):
-            ffn = self.blocks[layer].ffn if layer < len(self.blocks) else None  # None: a scanned layer
-            if ffn is not None and ffn.config.n_experts and ffn.config.aux_free_bias:
-                ffn.update_bias(load)
-        if self.n_scanned and self.config.moe.n_experts and self.config.moe.aux_free_bias:
+        """Aux-loss-free bias step of every routed layer with a router bias from its load [E] (one per routed
+        layer, in layer order, as __call__ returns its stats); call after the optimizer step."""
+        c = self.config
+        if not c.moe.aux_free_bias:
+            return
+        loads = list(loads)
+        for layer, load in zip(c.routed_layers, loads):
+            if layer < len(self.blocks):
+                self.blocks[layer].ffn.update_bias(load)
+        if self.n_scanned and c.moe.n_experts:
             ffn = self.scanned.ffn
-            scanned = jnp.stack(list(loads)[-self.n_scanned:])  # [L, E]
+            scanned = jnp.stack(loads[-self.n_scanned:])  # [L, E]
             ffn.bias[...] = jax.vmap(routing.update_bias, (0, 0, None))(ffn.bias[...], scanned,
                                                                         ffn.config.bias_update_rate)
 
@@ -190,34 +167,38 @@ class Transformer(nnx.Module):
         return sharding.constrain(self.embed[...].astype(jnp.dtype(self.config.dtype))[tokens], ACT), positions
 
     def routes(self, tokens, positions=None, segment_ids=None) -> list:
-        """Eval-mode routing of tokens [B, S] in every MoE layer with routed experts, for inspection:
-        one `routing.Routing` (expert_ids, weights [B S, K]) or `routing.ExpertChoice` per such layer."""
+        """Eval-mode routing of tokens [B, S] in every routed layer, for inspection: one `routing.Routing`
+        (expert_ids, weights [B S, K]) or `routing.ExpertChoice` per routed layer."""
         x, positions = self._embed(tokens, positions)
+        ctx = Context(positions, segment_ids, tokens)
         out = []
-        for block in map(self.block, range(self.config.n_layers)):
-            if block.ffn.config.n_experts:
-                h = x + block.attn(block.attn_norm(x), positions, segment_ids)
-                out.append(block.ffn.route(block.ffn_norm(h), token_ids=tokens))
-            x, _ = block(x, positions, segment_ids, tokens, None)
+        for layer, block in enumerate(map(self.block, range(self.config.n_layers))):
+            if self.config.is_routed(layer):
+                out.append(block.ffn.route(block.ffn_input(x, ctx)[1], token_ids=tokens))
+            x, _ = block(x, ctx)
         return out
 
-    def __call__(self, tokens, positions=None, segment_ids=None, key=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, *, key=None, train: bool = False):
         c = self.config
+        if train and key is None:
+            raise ValueError("Transformer(...)(tokens, train=True) needs key= (routing randomness in training)")
         dtype = jnp.dtype(c.dtype)
         x, positions = self._embed(tokens, positions)
-        keys = jax.random.split(key, c.n_layers) if key is not None else [None] * c.n_layers
+        ctx = Context(positions, segment_ids, tokens, None, train)
+        keys = jax.random.split(key, c.n_layers) if train else None
         stats = []
         call = lambda block, *args: block(*args)
         if c.remat:  # keep only each block's input for the backward pass
             call = nnx.remat(call)
         for layer, block in enumerate(self.blocks):
-            x, s = call(block, x, positions, segment_ids, tokens, keys[layer])
+            x, s = call(block, x, dataclasses.replace(ctx, key=keys[layer] if train else None))
             x = sharding.constrain(x, ACT)
-            if c.is_moe(layer):
+            if c.is_routed(layer):
                 stats.append(s)
         if self.n_scanned:
-            x, s = self._scan(x, positions, segment_ids, tokens, keys[len(self.blocks):] if key is not None else None)
-            stats += [jax.tree.map(lambda a: a[i], s) for i in range(self.n_scanned)]
+            x, s = self._scan(x, ctx, keys[len(self.blocks):] if train else None)
+            if c.moe.n_experts:
+                stats += [jax.tree.map(lambda a: a[i], s) for i in range(self.n_scanned)]
         x = self.final_norm(x)
         if c.tie_embeddings:  # scale by d^-1/2 so tied logits start at unit scale
             logits = jnp.einsum("bsd,vd->bsv", x, self.embed[...].astype(dtype), preferred_element_type=jnp.float32)
@@ -226,13 +207,13 @@ class Transformer(nnx.Module):
             logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(dtype), preferred_element_type=jnp.float32)
         return sharding.constrain(logits, ("batch", "length", "vocab")), stats
 
-    def _scan(self, x, positions, segment_ids, tokens, keys):
+    def _scan(self, x, ctx: Context, keys):
         """The stacked layers over x [B, S, d] by jax.lax.scan -> (x, MoEStats with a leading layer axis)."""
         graphdef, state = nnx.split(self.scanned)
 
         def body(x, xs):
             layer_state, key = xs
-            y, stats = nnx.merge(graphdef, layer_state)(x, positions, segment_ids, tokens, key)
+            y, stats = nnx.merge(graphdef, layer_state)(x, dataclasses.replace(ctx, key=key))
             return sharding.constrain(y, ACT), stats
 
         if self.config.remat:  # keep only each layer's input for the backward pass

@@ -48,7 +48,7 @@ from moejax import balance
 from moejax import config as config_lib
 from moejax import metrics as metrics_lib
 from moejax import model as model_lib
-from moejax import moe as moe_lib
+from moejax.model_config import MoEConfig, check_placement
 from moejax import sharding
 
 
@@ -104,8 +104,7 @@ class Trainer:
         abstract = nnx.eval_shape(lambda: model_lib.Transformer(self.model_config, rngs=nnx.Rngs(0)))
         self.graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
         self.tx = optimizer(self.train)
-        self.moe_layers = [l for l in range(self.model_config.n_layers) if self.model_config.is_moe(l)]
-        moe_lib.check_placement(self.model_config.moe, sharding.axis_size("expert", self.mesh))
+        check_placement(self.model_config.moe, sharding.axis_size("expert", self.mesh))
         self.state_sharding = sharding.state_shardings(jax.eval_shape(self._init), self.mesh)
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = sharding.batch_sharding(self.mesh)
@@ -158,15 +157,15 @@ class Trainer:
             step = jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated)
             return self._jit_train_step.lower(self.abstract_state(), self.abstract_batch(batch_size, seq_len), step)
 
-    def _forward(self, params, rest, batch, key):
+    def _forward(self, params, rest, batch, key, train: bool):
         model = nnx.merge(self.graphdef, params, rest)
-        logits, stats = model(batch["inputs"], batch["positions"], batch["segment_ids"], key)
+        logits, stats = model(batch["inputs"], batch["positions"], batch["segment_ids"], key=key, train=train)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B, S]
         return nll, stats
 
     def _loss(self, params, rest, batch, key, n_targets):
         """sum(nll * w) / n_targets (n_targets over the whole step) + mean layer losses / micro-batches."""
-        nll, stats = self._forward(params, rest, batch, key)
+        nll, stats = self._forward(params, rest, batch, key, True)
         ce = jnp.sum(nll * batch["weights"]) / n_targets
         aux = sum((s.loss for s in stats), jnp.zeros(())) / self.train.grad_accum
         return ce + aux, (ce, stats)
@@ -196,7 +195,7 @@ class Trainer:
         grads, ce, stats = self.grads(state["params"], state["rest"], batch, step)
         updates, opt = self.tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        load = [s.load.sum(0) for s in stats]  # per MoE layer [E], summed over micro-batches
+        load = [s.load.sum(0) for s in stats]  # per routed layer [E], summed over micro-batches
         model = nnx.merge(self.graphdef, params, state["rest"])
         model.update_biases(load)
         _, params, rest = nnx.split(model, nnx.Param, ...)
@@ -204,7 +203,7 @@ class Trainer:
         out = {"loss": jnp.sum(ce) + layer_loss("loss"), "ce_loss": jnp.sum(ce), "lr": lr_schedule(self.train)(step),
                "grad_norm": optax.tree.norm(grads)}
         out.update({name: layer_loss(name) for name in ("aux_loss", "device_loss", "seq_loss", "z_loss")})
-        if stats and stats[0].load.shape[-1]:  # per-layer load metrics (MoE layers with routed experts)
+        if stats:  # per routed layer load metrics
             out["load"] = jnp.stack(load) / jnp.maximum(jnp.stack(load).sum(-1, keepdims=True), 1)  # [L, E]
             out["max_vio"] = jnp.stack([balance.max_violation(x) for x in load])  # [L]
             out["dropped"] = jnp.stack([s.dropped.mean() for s in stats])
@@ -214,14 +213,10 @@ class Trainer:
     def _eval_step(self, state, batch):
         """Sums over the batch: nll of weighted targets, their count, their UTF-8 bytes; and the expert
         load counts [L, E] of the MoE layers with routed experts (L = 0 without)."""
-        nll, stats = self._forward(state["params"], state["rest"], batch, None)
+        nll, stats = self._forward(state["params"], state["rest"], batch, None, False)
         w = batch["weights"]
-        load = jnp.stack([s.load for s in stats if s.load.shape[-1]]) if self._routed_layers else jnp.zeros((0, 0))
+        load = jnp.stack([s.load for s in stats]) if stats else jnp.zeros((0, 0))
         return jnp.sum(nll * w), jnp.sum(w), jnp.sum(batch["token_bytes"] * w), load
-
-    @property
-    def _routed_layers(self) -> int:
-        return sum(bool(self.model_config.ffn_config(l).n_experts) for l in self.moe_layers)
 
     def evaluate(self, state, batches, token_bytes: np.ndarray) -> dict:
         """Validation loss in nats per token and bits per UTF-8 byte over `batches` (this process's rows), and
@@ -364,7 +359,7 @@ class Checkpoint:
     def with_moe(self, **changes) -> "Checkpoint":
         """The same parameters in a model whose MoE layers have `changes` (MoEConfig fields); parameters the
         changed model lacks (e.g. the shared experts for n_shared=0) are dropped."""
-        config_lib.check_keys(changes, [f.name for f in dataclasses.fields(moe_lib.MoEConfig)], "moe_changes")
+        config_lib.check_keys(changes, [f.name for f in dataclasses.fields(MoEConfig)], "moe_changes")
         mc = self.trainer.model_config
         trainer = Trainer(dataclasses.replace(mc, moe=dataclasses.replace(mc.moe, **changes)), self.run.train,
                           self.run.seed)

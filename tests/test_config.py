@@ -5,8 +5,9 @@ import dataclasses
 import pytest
 from flax import nnx
 
-from moejax import experts, moe, routing
-from moejax.moe import PRESETS, MoEConfig, preset
+from moejax import experts, moe, routers, routing
+from moejax import model_config
+from moejax.model_config import PRESETS, MoEConfig, preset
 
 BASE = dict(d_model=8, d_ff=16, n_experts=4, top_k=2)
 
@@ -15,11 +16,11 @@ INVALID = {
     "top_k_zero": (dict(top_k=0), "top_k", 0, ["1 <= top_k <= n_experts=4"]),
     "top_k_negative": (dict(top_k=-1), "top_k", -1, ["1 <= top_k <= n_experts=4"]),
     "top_k_above_n_experts": (dict(top_k=5), "top_k", 5, ["1 <= top_k <= n_experts=4"]),
-    "unknown_router": (dict(router="sinkhorn"), "router", "sinkhorn", list(moe.ROUTERS)),
+    "unknown_router": (dict(router="soft_moe"), "router", "soft_moe", list(routers.names())),
     "unknown_backend": (dict(backend="cuda"), "backend", "cuda", ["auto", *experts.BACKENDS]),
     "unknown_score_fn": (dict(score_fn="relu"), "score_fn", "relu", list(routing.SCORE_FNS)),
     "unknown_activation": (dict(activation="relu"), "activation", "relu", list(experts.ACTIVATIONS)),
-    "unknown_dispatch": (dict(dispatch="megablocks"), "dispatch", "megablocks", list(moe.DISPATCHES)),
+    "unknown_dispatch": (dict(dispatch="megablocks"), "dispatch", "megablocks", list(model_config.DISPATCHES)),
     "unknown_group_score": (dict(group_score="mean"), "group_score", "mean", list(routing.GROUP_SCORES)),
     "capacity_factor_zero": (dict(dispatch="capacity", capacity_factor=0.0), "capacity_factor", 0.0,
                              ["> 0", "capacity"]),

@@ -8,14 +8,14 @@ import pytest
 from flax import nnx
 
 from moejax import model as M
-from moejax import moe
+from moejax import model_config
 from tests.tolerances import F32
 
 V, D, H = 64, 32, 4
 
 
 def make(n_layers=3, first_k_dense=1, moe_every=1, **kw):
-    mcfg = kw.pop("moe_cfg", moe.deepseekmoe(D, 32, n_experts=4, top_k=2, m=2, n_shared=1))
+    mcfg = kw.pop("moe_cfg", model_config.deepseekmoe(D, 32, n_experts=4, top_k=2, m=2, n_shared=1))
     cfg = M.ModelConfig(V, D, n_layers, H, mcfg, first_k_dense=first_k_dense, moe_every=moe_every, max_len=64, **kw)
     return M.Transformer(cfg, rngs=nnx.Rngs(0))
 
@@ -28,10 +28,19 @@ def test_shapes_dtypes_and_moe_layer_layout():
     m = make(n_layers=5, first_k_dense=1, moe_every=2)
     logits, stats = m(tokens())
     assert logits.shape == (2, 12, V) and logits.dtype == jnp.float32
-    assert [m.config.is_moe(l) for l in range(5)] == [False, True, False, True, False]
+    assert m.config.routed_layers == (1, 3)
     # deepseekmoe(N=4, K=2, m=2, Ks=1): m N - Ks = 7 routed experts with m K - Ks = 3 picks
     assert len(stats) == 2 and all(s.load.shape == (7,) for s in stats)
     assert m.blocks[0].ffn.config.n_experts == 0 and m.blocks[1].ffn.config.n_experts == 7
+    with pytest.raises(ValueError, match="train=True.*needs key="):
+        m(tokens(), train=True)
+
+
+def test_dense_baseline_has_no_routed_layers():
+    """moe = a dense FFN config: every layer is dense, so no stats, loads or routes are returned."""
+    m = make(n_layers=3, moe_cfg=model_config.dense(D, 32))
+    assert m.config.routed_layers == () and m.routes(tokens()) == []
+    assert m(tokens(), key=jax.random.key(0), train=True)[1] == []
 
 
 def test_routes_are_the_routing_the_forward_pass_uses():
@@ -53,7 +62,7 @@ def test_scanned_layers_equal_the_unrolled_model(remat):
     """scan_layers: the same logits, stats, routes, gradients and aux-free bias updates as the unrolled
     model holding the same weights (each stacked slice copied into its layer); the dense first layer stays
     unrolled; stacked weights carry a leading unsplit axis in their `axes` metadata."""
-    mcfg = moe.deepseekmoe(D, 32, n_experts=4, top_k=2, m=2, n_shared=1, aux_free_bias=True)
+    mcfg = model_config.deepseekmoe(D, 32, n_experts=4, top_k=2, m=2, n_shared=1, aux_free_bias=True)
     scanned = make(n_layers=4, first_k_dense=1, moe_cfg=mcfg, scan_layers=True, remat=remat)
     unrolled = make(n_layers=4, first_k_dense=1, moe_cfg=mcfg, remat=remat)
     assert len(scanned.blocks) == 1 and scanned.n_scanned == 3
@@ -64,7 +73,7 @@ def test_scanned_layers_equal_the_unrolled_model(remat):
     for l in range(1, 4):
         nnx.update(unrolled.blocks[l], nnx.state(scanned.block(l)))
     t, key = tokens(), jax.random.key(3)
-    (a, sa), (b, sb) = scanned(t, key=key), unrolled(t, key=key)
+    (a, sa), (b, sb) = scanned(t, key=key, train=True), unrolled(t, key=key, train=True)
     np.testing.assert_allclose(a, b, **F32)
     assert len(sa) == len(sb) == 3
     for x, y in zip(sa, sb):
@@ -73,7 +82,7 @@ def test_scanned_layers_equal_the_unrolled_model(remat):
         np.testing.assert_array_equal(x.expert_ids, y.expert_ids)
 
     def loss(model):
-        logits, stats = model(t, key=key)
+        logits, stats = model(t, key=key, train=True)
         return jnp.mean(logits ** 2) + sum(s.loss for s in stats)
 
     gs, gu = nnx.grad(loss)(scanned), nnx.grad(loss)(unrolled)
@@ -157,7 +166,7 @@ def test_bf16_compute_keeps_f32_params_and_logits():
 
 
 def test_untied_embeddings_and_hash_router_get_token_ids():
-    m = make(tie_embeddings=False, moe_cfg=moe.hash_layer(D, 32, n_experts=4))
+    m = make(tie_embeddings=False, moe_cfg=model_config.hash_layer(D, 32, n_experts=4))
     logits, stats = m(tokens())
     assert logits.shape == (2, 12, V) and m.unembed[...].shape == (D, V)
     assert float(stats[0].load.sum()) == 2 * 12
@@ -209,7 +218,7 @@ INVALID = {
     "n_layers_zero": (dict(n_layers=0), "n_layers", "0"),
     "n_heads_not_dividing": (dict(n_heads=5), "n_heads", "5"),
     "odd_head_width": (dict(n_heads=32), "n_heads", "32"),
-    "moe_width_mismatch": (dict(moe=moe.switch(16, 32)), r"moe\.d_model", "16"),
+    "moe_width_mismatch": (dict(moe=model_config.switch(16, 32)), r"moe\.d_model", "16"),
     "first_k_dense_too_large": (dict(first_k_dense=3), "first_k_dense", "3"),
     "moe_every_zero": (dict(moe_every=0), "moe_every", "0"),
     "dense_d_ff_negative": (dict(dense_d_ff=-1), "dense_d_ff", "-1"),
@@ -221,6 +230,6 @@ INVALID = {
 
 @pytest.mark.parametrize("overrides,field,value", list(INVALID.values()), ids=list(INVALID))
 def test_invalid_model_config_names_field_and_value(overrides, field, value):
-    kw = {**BASE, "moe": moe.switch(D, 32), **overrides}
+    kw = {**BASE, "moe": model_config.switch(D, 32), **overrides}
     with pytest.raises(ValueError, match=rf"ModelConfig\.{field}={value}.*allowed"):
         M.ModelConfig(**kw)

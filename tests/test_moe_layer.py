@@ -12,7 +12,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from moejax import dispatch, experts, moe, routing
-from moejax.moe import MoE, MoEConfig
+from moejax import model_config
+from moejax.moe import MoE
+from moejax.model_config import MoEConfig
 from tests import reference as ref
 from tests.tolerances import BF16, F32
 
@@ -77,7 +79,7 @@ def make_config(router: str, dname: str, **over) -> MoEConfig:
     cf = kw.get("capacity_factor")
     if cf in ("drop", "full"):
         kw["capacity_factor"] = 1.0  # set below, once top_k is known
-    cfg = MoEConfig(D, d_ff, **kw) if name is None else moe.preset(name, D, d_ff, **kw)
+    cfg = MoEConfig(D, d_ff, **kw) if name is None else model_config.preset(name, D, d_ff, **kw)
     if cf == "drop":
         drop_cf = 0.25 if router == "expert_choice" else 1.0 if cfg.top_k == 1 else 1.5 / cfg.top_k
         return dataclasses.replace(cfg, capacity_factor=drop_cf)
@@ -133,7 +135,7 @@ def capture_route_inputs(model, x, token_ids, key, monkeypatch):
 
     monkeypatch.setattr(routing, "gshard_top2", spy_gshard)
     monkeypatch.setattr(routing, "jitter", spy_jitter)
-    model(x, token_ids=token_ids, key=key)
+    model(x, token_ids=token_ids, key=key, train=True)
     monkeypatch.undo()
     return seen
 
@@ -220,7 +222,7 @@ def test_layer_matches_reference(router, dname, monkeypatch):
         model = make_model(cfg)
         try:
             assert_trees_close(ref.params_of(model), p, dict(rtol=0, atol=0), "same init for every backend: ")
-            y, stats, gp, gx = moe_value_and_grads(model, x, cot, token_ids=token_ids, key=key)
+            y, stats, gp, gx = moe_value_and_grads(model, x, cot, token_ids=token_ids, key=key, train=key is not None)
             assert_trees_close(y, y_ref, F32, "output")
             assert_trees_close(gx, gx_ref, F32, "grad x")
             assert_trees_close(gp, gp_ref, F32, "grad params ")
@@ -271,7 +273,7 @@ def test_auto_block_is_largest_power_of_two_up_to_mean_load(n, E, want):
     ("gshard", dict(n_experts=8, dispatch="dropless", disable_top=3)),
 ])
 def test_paper_presets_match_reference(name, kw):
-    cfg = moe.preset(name, D, DFF, **kw)
+    cfg = model_config.preset(name, D, DFF, **kw)
     model = make_model(cfg)
     x, cot, _ = inputs()
     p = ref.params_of(model)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moejax import model_config
 from moejax import routing as routing_lib
 from tests.tolerances import F32
 
@@ -341,12 +342,10 @@ def test_disable_top_picks_next_best(r):
 
 
 def test_disable_top_validated():
-    from moejax import moe
-
     with pytest.raises(ValueError, match="disable_top=15.*n_experts - top_k = 14"):
-        moe.gshard(8, 16, n_experts=16, disable_top=15)
-    with pytest.raises(ValueError, match="disable_top=1.*'topk' or 'gshard'"):
-        moe.hash_layer(8, 16, disable_top=1)
+        model_config.gshard(8, 16, n_experts=16, disable_top=15)
+    with pytest.raises(ValueError, match=r"disable_top=1.*0 with router='hash' \(only routers \('topk', 'gshard'\)"):
+        model_config.hash_layer(8, 16, disable_top=1)
 
 
 def test_no_gradient_into_bias():
@@ -437,3 +436,40 @@ def test_hash_properties(tek, seed):
     picks = np.asarray(routing.hash_expert(ids, E, K, seed))
     assert picks.shape == (T, K) and picks.min() >= 0 and picks.max() < E
     assert all(len(set(row.tolist())) == K for row in picks)
+
+
+def test_readme_router_example_is_one_function_and_one_registration(monkeypatch):
+    """The README's "Adding a router" example, run as written: the new router is used by the layer, its
+    options are checked by MoEConfig, its gradient reaches the router weight, and FLOP counts include it."""
+    import os
+    import re
+
+    from flax import nnx
+
+    from moejax import balance, metrics, routers
+    from moejax.model import ModelConfig
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    section = readme[readme.index("### Adding a router"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.setattr(routers, "_REGISTRY", dict(routers._REGISTRY))  # the registration stays in this test
+    env = {}
+    exec(compile(code, "README.md", "exec"), env)
+    assert "sinkhorn" in routers.names()
+    y, stats = env["y"], env["stats"]
+    assert y.shape == (2, 32, 64) and stats.load.shape == (8,) and float(stats.load.sum()) == 2 * 32 * 2
+    # Sinkhorn balancing spreads the 128 assignments far more evenly than the same router's plain top-2
+    layer, cfg = env["layer"], env["layer"].config
+    x = jax.random.normal(jax.random.key(0), (2, 32, 64))
+    plain = routing_lib.topk(jnp.einsum("bsd,de->bse", x, layer.router[...]).reshape(64, 8), 2)
+    plain_vio = float(balance.max_violation(balance.expert_counts(plain.expert_ids, 8)))
+    assert float(stats.max_vio) < plain_vio, (float(stats.max_vio), plain_vio)
+    with pytest.raises(ValueError, match=r"score_fn='sigmoid'.*router='sinkhorn'"):
+        model_config.MoEConfig(64, 256, 8, 2, router="sinkhorn", score_fn="sigmoid")
+    with pytest.raises(ValueError, match="already registered"):
+        routers.register("sinkhorn", routers.Router(env["sinkhorn"]))
+    graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+    g = jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x)[0] ** 2))(params)
+    assert float(jnp.abs(g["router"][...]).sum()) > 0
+    mc = ModelConfig(vocab_size=16, d_model=64, n_layers=1, n_heads=2, moe=cfg)
+    assert metrics.active_params(mc)["router"] == 64 * 8

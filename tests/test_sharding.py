@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import deepseekmoe_table1 as table1
 from moejax import balance, config as config_lib, dispatch, metrics as metrics_lib, model as model_lib, moe, routing
+from moejax import model_config as mc_lib
 from moejax import sharding, train
 from tests.tolerances import F32
 
@@ -173,7 +174,7 @@ def test_expert_slots_are_placed_contiguously():
 def test_device_loss_uses_the_mesh_expert_axis():
     """n_devices=0: DeepSeekMoE eq. 14-15 over the expert axis's devices (here 4, with 15 routed experts in
     16 padded slots: the last device holds 3 experts); equal to the unsharded layer told n_devices=4."""
-    cfg = moe.deepseekmoe(16, 64, n_experts=4, m=4, n_shared=1, device_loss_coef=1.0, pad_experts_to=4)
+    cfg = mc_lib.deepseekmoe(16, 64, n_experts=4, m=4, n_shared=1, device_loss_coef=1.0, pad_experts_to=4)
     layer = moe.MoE(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (8, 8, 16))
     with sharding.use(mesh_of("data2_expert4")):
@@ -208,13 +209,13 @@ def test_bad_mesh(mesh_kw, match):
 
 
 def test_experts_not_divisible_by_expert_axis():
-    mc = dataclasses.replace(model_config("gshard", "dropless"), moe=moe.gshard(32, 64, n_experts=12))
+    mc = dataclasses.replace(model_config("gshard", "dropless"), moe=mc_lib.gshard(32, 64, n_experts=12))
     with pytest.raises(ValueError, match=r"n_experts=12 .* expert=8; allowed: a multiple .* pad_experts_to=8"):
         train.Trainer(mc, config_lib.TrainConfig(), 0, mesh_of("expert8"))
     with pytest.raises(ValueError, match=r"n_devices=2 is invalid for a mesh with expert=8"):
-        moe.check_placement(moe.gshard(32, 64, n_experts=16, n_devices=2), 8)
+        mc_lib.check_placement(mc_lib.gshard(32, 64, n_experts=16, n_devices=2), 8)
     with pytest.raises(ValueError, match=r"n_groups=3 is invalid for a mesh with expert=4"):
-        moe.check_placement(moe.MoEConfig(32, 64, n_experts=12, top_k=2, n_groups=3, topk_groups=2), 4)
+        mc_lib.check_placement(mc_lib.MoEConfig(32, 64, n_experts=12, top_k=2, n_groups=3, topk_groups=2), 4)
 
 
 def test_batch_not_divisible_by_batch_shards():
@@ -325,7 +326,7 @@ def test_ragged_exchange_traces_with_gradients(monkeypatch):
     forward and backward lower to ragged-all-to-all (its buffers carry the device-varying type that the
     custom VJPs of dispatch/combine need)."""
     monkeypatch.setattr(dispatch, "RAGGED_PLATFORMS", ("cpu",))
-    cfg = moe.gshard(16, 32, n_experts=8, dispatch="dropless")
+    cfg = mc_lib.gshard(16, 32, n_experts=8, dispatch="dropless")
     layer = moe.MoE(cfg, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
     loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p, rest)(x)[0] ** 2)

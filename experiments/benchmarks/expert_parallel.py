@@ -59,7 +59,6 @@ import re
 import statistics
 import sys
 import time
-from unittest import mock
 
 N_DEVICES = 8
 if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -74,6 +73,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from experiments.benchmarks import common  # noqa: E402
 from moejax import dispatch, moe, sharding  # noqa: E402
+from moejax import model_config
 
 MiB = 2.0 ** 20
 TPU_TOPOLOGY = ("v5p:2x2x2", "v5p-8")  # (topology name, TPU_ACCELERATOR_TYPE)
@@ -109,7 +109,7 @@ def table1():
     return module
 
 
-def layer_config(method: str, disp: str, cf: float | None, shape: Shape) -> moe.MoEConfig:
+def layer_config(method: str, disp: str, cf: float | None, shape: Shape) -> model_config.MoEConfig:
     """The Table-1 MoE layer with `disp` dispatch; routed experts padded to a multiple of 8 weight slots."""
     c = table1().moe_config(method, shape.d, shape.d_ff)
     extra = dict(capacity_factor=cf) if disp == "capacity" else {}
@@ -224,7 +224,7 @@ def summarize(ops: list[dict], routed_rows: float) -> dict:
 
 def _loss_fn(graphdef):
     def loss(params, x, ct, key):
-        y, stats = nnx.merge(graphdef, params)(x, key=key)
+        y, stats = nnx.merge(graphdef, params)(x, key=key, train=True)
         return jnp.sum(y * ct) + stats.loss
 
     return loss
@@ -232,7 +232,7 @@ def _loss_fn(graphdef):
 
 def _forward_fn(graphdef):
     def forward(params, x, key):
-        y, stats = nnx.merge(graphdef, params)(x, key=key)
+        y, stats = nnx.merge(graphdef, params)(x, key=key, train=True)
         return y, stats.loss
 
     return forward
@@ -242,7 +242,7 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings)
 
 
-def compile_layer(config: moe.MoEConfig, shape: Shape, mesh, keep_going: bool = False) -> dict:
+def compile_layer(config: model_config.MoEConfig, shape: Shape, mesh, keep_going: bool = False) -> dict:
     """Forward and forward + backward of the layer compiled for `mesh` (from abstract inputs). With
     keep_going, a forward + backward that fails to trace or compile is recorded as step_error."""
     graphdef, params = nnx.split(nnx.eval_shape(lambda: moe.MoE(config, rngs=nnx.Rngs(0))))
@@ -272,20 +272,13 @@ def inputs(shape: Shape):
     return x, ct, jax.random.PRNGKey(2)
 
 
-def routing_of(config: moe.MoEConfig, x, key) -> tuple[np.ndarray, np.ndarray]:
-    """(expert ids [B, S, K], kept [B, S, K]) of the layer's initial router on x in training mode (key
-    given): the arguments MoE hands its dispatch, captured unsharded; kept = unmasked and, with capacity
+def routing_of(config: model_config.MoEConfig, x, key) -> tuple[np.ndarray, np.ndarray]:
+    """(expert ids [B, S, K], kept [B, S, K]) of the layer's initial router on x [B, S, d] in training mode,
+    by the public `MoE.route`: what the layer hands its dispatch; kept = unmasked and, with capacity
     dispatch, within capacity."""
-    seen = {}
-    original = moe.MoE._sharded
-
-    def spy(self, fn, x, *per_seq):
-        seen["ids"], seen["mask"] = per_seq[0], per_seq[2]
-        return original(self, fn, x, *per_seq)
-
-    with mock.patch.object(moe.MoE, "_sharded", spy):
-        moe.MoE(config, rngs=nnx.Rngs(0))(x, key=key)
-    ids, kept = np.asarray(seen["ids"]), np.asarray(seen["mask"])
+    r = moe.MoE(config, rngs=nnx.Rngs(0)).route(x, key=key, train=True)
+    B, S = x.shape[:2]
+    ids, kept = np.asarray(r.expert_ids).reshape(B, S, -1), np.asarray(r.mask).reshape(B, S, -1)
     if config.dispatch == "capacity":
         B, S, K = ids.shape
         C = dispatch.capacity(S, K, config.n_experts, config.capacity_factor)
@@ -313,7 +306,7 @@ def routed_remote_rows(ids: np.ndarray, kept: np.ndarray, n_slots: int, data: in
     return dict(mean=float(np.mean(send)), max=float(max(max(send), max(back))), dispatch=send, back=back)
 
 
-def minimum_bytes(config: moe.MoEConfig, shape: Shape, D: int, bytes_per_element: int = 4) -> float:
+def minimum_bytes(config: model_config.MoEConfig, shape: Shape, D: int, bytes_per_element: int = 4) -> float:
     """T K d x bytes x (1 - 1/D): one direction of one exchange, per device."""
     T = shape.batch * shape.seq // N_DEVICES
     return T * config.top_k * shape.d * bytes_per_element * (1 - 1 / D)

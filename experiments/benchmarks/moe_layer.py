@@ -4,7 +4,7 @@ Run:  python3 -m experiments.benchmarks.moe_layer [--json FILE] [--quick] [--dty
 
 For each shape, dispatch mode and expert backend this times one jitted forward + backward step of
 `moejax.moe.MoE` (loss = sum(y * ct) + stats.loss, gradients w.r.t. x and every parameter, functional
-split/merge) and divides it by the same step of a dense SwiGLU FFN of width K * f (`moe.dense`) on the
+split/merge) and divides it by the same step of a dense SwiGLU FFN of width K * f (`model_config.dense`) on the
 same tokens. The machine may be shared, so each row's runs alternate call by call with dense runs, and
 the ratio is median(row) / median(those dense runs); each step is compiled once, then warmed up once.
 The JSON rows also hold process CPU time (user + sys, all threads) and its ratio, which load from other
@@ -41,6 +41,7 @@ from flax import nnx
 
 from experiments.benchmarks import common
 from moejax import moe
+from moejax import model_config
 
 MiB = 2.0 ** 20
 
@@ -86,7 +87,7 @@ def variants(quick: bool) -> list[tuple[str, str, dict]]:
     return out
 
 
-def make_step(config: moe.MoEConfig, seed: int = 0):
+def make_step(config: model_config.MoEConfig, seed: int = 0):
     """(jitted value_and_grad step(params, x, ct), params): the functional split/merge train-step style."""
     graphdef, params = nnx.split(moe.MoE(config, rngs=nnx.Rngs(seed)))
 
@@ -124,10 +125,10 @@ def time_paired(fn, baseline, args, base_args, repeats: int):
     return [t for t, _ in ts], [c for _, c in ts], [t for t, _ in bs], [c for _, c in bs]
 
 
-def config_for(shape: Shape, dispatch: str | None, backend: str | None, extra: dict) -> moe.MoEConfig:
+def config_for(shape: Shape, dispatch: str | None, backend: str | None, extra: dict) -> model_config.MoEConfig:
     if dispatch is None:
-        return moe.dense(shape.d, shape.K * shape.f)
-    return moe.MoEConfig(shape.d, shape.f, n_experts=shape.E, top_k=shape.K, normalize=shape.normalize,
+        return model_config.dense(shape.d, shape.K * shape.f)
+    return model_config.MoEConfig(shape.d, shape.f, n_experts=shape.E, top_k=shape.K, normalize=shape.normalize,
                          dispatch=dispatch, backend=backend, **extra)
 
 

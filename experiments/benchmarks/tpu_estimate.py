@@ -38,6 +38,7 @@ from flax import nnx
 from experiments.benchmarks import common
 from experiments.benchmarks.moe_layer import Shape  # name, B, S, d, E, K, f, normalize; T = B S
 from moejax import moe
+from moejax import model_config
 from moejax import sharding
 
 GIB = 2.0**30
@@ -54,11 +55,11 @@ QUICK_SHAPES = (Shape("16b-quick", B=1, S=256, d=256, E=16, K=4, f=128),)
 VARIANTS = ("auto", "ragged_dot")
 
 
-def layer_config(shape: Shape, backend: str | None) -> moe.MoEConfig:
+def layer_config(shape: Shape, backend: str | None) -> model_config.MoEConfig:
     """backend None: the dense SwiGLU FFN of width K f (same FLOPs as the K routed experts)."""
     if backend is None:
-        return moe.dense(shape.d, shape.K * shape.f)
-    return moe.MoEConfig(shape.d, shape.f, n_experts=shape.E, top_k=shape.K, normalize=shape.normalize,
+        return model_config.dense(shape.d, shape.K * shape.f)
+    return model_config.MoEConfig(shape.d, shape.f, n_experts=shape.E, top_k=shape.K, normalize=shape.normalize,
                          aux_loss_coef=0.001, backend=backend)
 
 
@@ -90,7 +91,7 @@ def estimate(compiled, flops: float, peak_tflops: float) -> dict:
             "flops": flops, "tflops": tflops, "mfu": tflops / peak_tflops}
 
 
-def compile_layer(config: moe.MoEConfig, shape: Shape, mesh):
+def compile_layer(config: model_config.MoEConfig, shape: Shape, mesh):
     """The layer's forward + backward step compiled for `mesh` from abstract inputs (bf16 x and ct)."""
     graphdef, params = nnx.split(nnx.eval_shape(lambda: moe.MoE(config, rngs=nnx.Rngs(0))))
 

@@ -56,7 +56,8 @@ from experiments.benchmarks import common
 from moejax import config as config_lib
 from moejax import metrics
 from moejax import model as model_lib
-from moejax import moe
+
+from moejax import model_config as mc_lib
 from moejax import train
 
 MiB = 2.0 ** 20
@@ -96,7 +97,7 @@ def scales() -> dict[str, Scale]:
 
 def model_config(method: str, s: Scale) -> model_lib.ModelConfig:
     """The Table-1 model of `method` at scale s; 'dense2x' is the dense model with FFN width 2 d_ff."""
-    ffn = moe.dense(s.d_model, 2 * s.d_ff) if method == "dense2x" else table1().moe_config(method, s.d_model, s.d_ff)
+    ffn = mc_lib.dense(s.d_model, 2 * s.d_ff) if method == "dense2x" else table1().moe_config(method, s.d_model, s.d_ff)
     return model_lib.ModelConfig(vocab_size=VOCAB, d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads,
                                  moe=ffn, max_len=s.seq_len)
 

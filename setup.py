@@ -1,7 +1,7 @@
 """moejax: Mixture-of-Experts language models in JAX/Flax NNX."""
 import setuptools
 
-JAX_VERSION = "0.10.2"  # newest on the registry this project is developed against; 0.11 also runs.
+JAX_VERSION = "0.10.2"  # the oldest jax moejax supports; CI also runs the newest (.ci/newest_jax).
 
 setuptools.setup(
     name="moejax",
@@ -10,8 +10,8 @@ setuptools.setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["moejax", "moejax.*", "pallas_kernels", "pallas_kernels.*"]),
-    package_data={"moejax.datasets": ["pypi_spm8k.model"]},  # the PyPI corpus' 8K SentencePiece tokenizer
+    packages=setuptools.find_packages(include=["moejax", "moejax.*", "pallas_kernels", "pallas_kernels.*", "configs"]),
+    package_data={"moejax.datasets": ["pypi_spm8k.model", "pypi_corpus.tsv"]},  # the PyPI corpus' tokenizer, wheels
     install_requires=[
         f"jax>={JAX_VERSION}",
         "flax>=0.12",
@@ -36,8 +36,8 @@ setuptools.setup(
         # jupytext: the notebooks' .ipynb / .py pairs are checked and the .py run in CI
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5", "jupytext>=1.16", "pyyaml>=6",
                  f'jax[tpu]>={JAX_VERSION}; sys_platform == "linux"'],
-        # libtpu must match jax exactly: the tpu extra pins jax itself.
-        "tpu": [f"jax[tpu]=={JAX_VERSION}"],
+        # jax[tpu] pins the libtpu that matches its own version, so any jax >= JAX_VERSION gets the right one
+        "tpu": [f"jax[tpu]>={JAX_VERSION}"],
         "cuda": [f"jax[cuda12]>={JAX_VERSION}"],
     },
 )

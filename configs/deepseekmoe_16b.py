@@ -8,7 +8,7 @@ as the released checkpoint); every weight N(0, 0.006). 16.4B parameters, 2.8B ac
 Training as in the paper: AdamW (0.9, 0.95, weight decay 0.1), clip 1.0, lr 4.2e-4 with 2K warmup steps
 then x0.316 at 80% and 90% of steps, batch 4.5K = 4608 sequences of 4096 tokens (18.9M tokens per step),
 106449 steps (2T tokens). Training needs a ~100K-piece tokenizer (the paper's is byte-level BPE, 100K):
-  python -m moejax.tokenizer --source=tfds --tfds_name=... --vocab_size=100000 --output=spm100k.model
+  python -m moejax.train_tokenizer --source=tfds --tfds_name=... --vocab_size=100000 --output=spm100k.model
   python -m moejax.main --config=configs/deepseekmoe_16b.py --workdir=...   (on a TPU pod)
 
 Ahead-of-time check on a 64-chip v5p slice (any Linux machine with libtpu, no TPU):

@@ -43,15 +43,10 @@ Expected, scale=tiny (300 steps, mean +- std over seeds 0-2, val loss in nats/to
 The full tables, figures and commands are in experiments/deepseekmoe/RESULTS.md.
 """
 import dataclasses
-import importlib.util
-import os
 
+from configs import deepseekmoe_table1 as table1
+from moejax import config as config_lib
 from moejax import model_config
-
-_spec = importlib.util.spec_from_file_location(
-    "deepseekmoe_table1", os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepseekmoe_table1.py"))
-table1 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(table1)
 
 # 1 / (initial routed gate mass), rounded: see the docstring (gate-scale controls)
 GATE_SCALE = {"switch": 4.3, "deepseekmoe": 2.5}
@@ -92,10 +87,8 @@ def moe_config(variant: str, d_model: int, d_ff: int) -> model_config.MoEConfig:
 
 
 def get_config(arg=None):
-    from moejax import config as config_lib
-
     a = config_lib.parse_arg(arg, variant="deepseekmoe", scale="tiny")
     c = table1.get_config(f"method=deepseekmoe,scale={a.scale}")
     d, d_ff = c.model.d_model, c.model.moe.d_ff
-    c.model.moe = {k: v for k, v in vars(moe_config(a.variant, d, d_ff)).items() if k != "d_model"}
+    c.model.moe = config_lib.moe_fields(moe_config(a.variant, d, d_ff))
     return c

@@ -31,14 +31,14 @@ The paper does not state d_ff; 3456 = 2.7 d gives 13.3M parameters per FFN, clos
 FFN implied by its Table 2 (1.89B expert parameters = 16 x 9 FFNs). Paper scale initialises every
 weight N(0, 0.006) as the paper does; the others use fan-in scaling (with 0.006 the tiny DeepSeekMoE
 run ended at val loss 2.87 instead of 1.98 nats/token on the earlier 16K-token validation). Paper scale expects a tokenizer trained first:
-  python -m moejax.tokenizer --source=stdlib --vocab_size=8192 --output=spm8k.model
+  python -m moejax.train_tokenizer --source=stdlib --vocab_size=8192 --output=spm8k.model
 (or give --config.data.tokenizer=byte).
 
 Proxy: lr 2e-3 ~ the paper's 1.08e-3 x (C_paper / C_proxy)^0.125 = 2.1e-3 (DeepSeek LLM's fit lr ~ C^-0.125,
 Bi et al. 2024, whose batch fit gives 0.23M tokens at this C = 1.05e18 FLOPs; here 0.26M); warmup 8% as the
 paper's 2K of 25K. It needs c4/en:3.1.0 prepared for tfds as array_record and its tokenizer (model.vocab_size
 = 8192 is set, so moejax.aot compiles without either):
-  python -m moejax.tokenizer --source=tfds --tfds_name=c4/en:3.1.0 --vocab_size=8192 --output=spm8k_c4.model
+  python -m moejax.train_tokenizer --source=tfds --tfds_name=c4/en:3.1.0 --vocab_size=8192 --output=spm8k_c4.model
 One GPU: add --config.train.grad_accum=8 (32 sequences per micro-batch; a v5e chip holds 16 in 10.2 GiB).
 Measured ahead of time (python -m moejax.aot, JAX 0.10.2, libtpu 0.0.42.1; 80-230 s each on 2 CPU cores):
   v5e:2x4 (v5e-8)   deepseekmoe, fsdp=8: 10.68 GiB per chip of 16 (temporaries 10.24; grad_accum 1: 16.04,

@@ -33,7 +33,7 @@ def device_balance_loss(
     probs: jax.Array, expert_ids: jax.Array, n_devices: int, mask: jax.Array | None = None, n_slots: int | None = None
 ) -> jax.Array:
     """Device-level balance loss, DeepSeekMoE eq. 14-15: expert slots are placed on D devices in contiguous
-    groups of n_slots / D (n_slots >= E: moejax.moe.MoEConfig.pad_experts_to; default E), so device d holds
+    groups of n_slots / D (n_slots >= E: moejax.model_config.MoEConfig.pad_experts_to; default E), so device d holds
     the experts E_d = [d n_slots / D, (d + 1) n_slots / D) that exist; f'_d = mean of f_i over E_d,
     P'_d = sum of P_i over E_d; loss = sum_d f'_d P'_d."""
     T, E = probs.shape

@@ -110,14 +110,18 @@ def experiment(model: dict, moe: model_config.MoEConfig, data: dict, train: dict
                       if f.name not in ("vocab_size", "max_len", "moe") and f.default is not dataclasses.MISSING}
     model_defaults["vocab_size"] = 0
     check_keys(model, set(model_defaults) | {"d_model", "n_layers", "n_heads"}, "model")
-    moe_dict = {k: v for k, v in dataclasses.asdict(moe).items() if k != "d_model"}
     c = ml_collections.ConfigDict()
-    c.model = {**model_defaults, **model, "moe": moe_dict}
+    c.model = {**model_defaults, **model, "moe": moe_fields(moe)}
     c.data = {**dataclasses.asdict(data_lib.DataConfig()), **_checked(data, data_lib.DataConfig, "data")}
     c.train = {**dataclasses.asdict(TrainConfig()), **_checked(train, TrainConfig, "train")}
     c.seed = seed
     c.mesh = {**dataclasses.asdict(sharding.MeshConfig()), **_checked(mesh or {}, sharding.MeshConfig, "mesh")}
     return c
+
+
+def moe_fields(moe: model_config.MoEConfig) -> dict:
+    """config.model.moe of a MoEConfig: its fields but d_model (config.model.d_model)."""
+    return {k: v for k, v in dataclasses.asdict(moe).items() if k != "d_model"}
 
 
 def _checked(d: dict, cls, where: str) -> dict:
@@ -244,6 +248,28 @@ def _config_spec(argv: list[str]) -> str | None:
     return None
 
 
+def override(config: ml_collections.ConfigDict, key: str, value=None, *, flag: str = "--config.", check_only=False):
+    """Set config's 'a.b.c' to value: the one check of command-line overrides (main, aot, the runner's --set).
+    ValueError naming the flag, the key and the nearest existing key if config has no such key, or the key's
+    type if value does not fit it. check_only: only check that the key exists."""
+    parts, node = key.split("."), config
+    for i, part in enumerate(parts):
+        keys = list(node.keys()) if hasattr(node, "keys") else []
+        if part not in keys:
+            near = difflib.get_close_matches(part, keys, n=1, cutoff=0.0)
+            hint = f"; did you mean {flag}{'.'.join(parts[:i] + near)}?" if near else ""
+            raise ValueError(f"{flag}{key}: the config has no key {'.'.join(parts[:i + 1])}{hint}")
+        if i < len(parts) - 1:
+            node = node[part]
+    if check_only:
+        return
+    try:
+        node[parts[-1]] = value
+    except TypeError as e:  # ConfigDict keeps each key's type
+        raise ValueError(f"{flag}{key}={value!r} is invalid; allowed: a value of the key's type "
+                         f"{type(node[parts[-1]]).__name__} (e.g. {node[parts[-1]]!r})") from e
+
+
 def check_cli_config(argv: list[str]) -> None:
     """Load --config and check every --config.a.b override names a key it has, before absl parses the flags
     (which would print a traceback): a ValueError / FileNotFoundError naming the key or file otherwise."""
@@ -252,14 +278,7 @@ def check_cli_config(argv: list[str]) -> None:
         return  # absl reports the missing required flag
     config = load(spec)
     for key in (a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")):
-        node, path = config, []
-        for part in key.split("."):
-            keys = list(node.keys()) if hasattr(node, "keys") else []
-            if part not in keys:
-                near = difflib.get_close_matches(part, keys, n=1, cutoff=0.0)
-                hint = f"; did you mean --config.{'.'.join(path + near)}?" if near else ""
-                raise ValueError(f"--config.{key}: the config has no key {'.'.join(path + [part])}{hint}")
-            node, path = node[part], path + [part]
+        override(config, key, check_only=True)
 
 
 def parse_cli_flags(argv: list[str]) -> list[str]:

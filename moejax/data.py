@@ -151,7 +151,7 @@ def get_tokenizer(cfg: DataConfig) -> Tokenizer:
     if not os.path.isfile(path):
         _fail("tokenizer", cfg.tokenizer, f"'byte', one of {tuple(PACKAGED_TOKENIZERS)} or an existing "
               "SentencePiece .model file (not found; "
-              "train one with `python -m moejax.tokenizer --output=FILE.model`)", FileNotFoundError)
+              "train one with `python -m moejax.train_tokenizer --output=FILE.model`)", FileNotFoundError)
     try:
         return SentencePieceTokenizer(path)
     except (RuntimeError, ValueError) as e:

@@ -22,19 +22,14 @@
 # (always on, so not shown: it is not routed) and 63 routed experts, of which each token picks 7.
 
 # %%
-# Colab / a fresh machine: clone moejax and install it (skipped inside a checkout where moejax is importable)
-import importlib, importlib.util, os, subprocess, sys
-REPO_URL = "https://github.com/moejax/moejax"
-# the repository root (configs/ and experiments/ live there): this checkout, or a clone beside the notebook
-ROOT = next((p for p in (os.getcwd(), os.path.dirname(os.getcwd()), os.path.abspath("moejax"))
-             if os.path.isfile(os.path.join(p, "configs", "deepseekmoe_table1.py"))), None)
+# Colab / a fresh machine: clone moejax unless this is a checkout; notebooks/colab_setup.py installs it if needed
+import os, sys, subprocess
+ROOT = next((p for p in (".", "..", "moejax") if os.path.isfile(os.path.join(p, "notebooks", "colab_setup.py"))), None)
 if ROOT is None:
-    subprocess.run(["git", "clone", "-q", REPO_URL], check=True)
-    ROOT = os.path.abspath("moejax")
-if importlib.util.find_spec("moejax") is None:
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", ROOT], check=True)
-    importlib.invalidate_caches()
-os.chdir(ROOT); sys.path.insert(0, ROOT)
+    subprocess.run(["git", "clone", "-q", "https://github.com/moejax/moejax"], check=True)
+    ROOT = "moejax"
+sys.path.insert(0, os.path.join(ROOT, "notebooks"))
+from colab_setup import setup; ROOT = setup(ROOT)  # noqa: E402
 
 # %%
 import itertools

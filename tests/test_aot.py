@@ -54,10 +54,7 @@ def training_precision():
 
 def config(name: str, arg: str | None = None, **overrides):
     """configs/<name>.py:arg with dotted overrides, e.g. config('deepseekmoe_16b', train__grad_accum=36)."""
-    spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config(arg)
+    c = importlib.import_module(f"configs.{name}").get_config(arg)
     for key, value in overrides.items():
         *path, last = key.split("__")
         node = c

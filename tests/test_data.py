@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 from sentencepiece import sentencepiece_model_pb2
 
-from moejax import data, datasets, tokenizer
+from moejax import data, datasets, tokenizer, train_tokenizer
 from moejax.data import DataConfig
 
 VAL = 0.25  # validation fraction of the test corpora
@@ -87,8 +87,8 @@ def test_byte_tokenizer():
 
 def test_sentencepiece_trained_by_the_module_command(corpus, tmp_path):
     path = str(tmp_path / "tiny.model")
-    tokenizer.main(["--source=text_dir", f"--text_dir={corpus.text_dir}", f"--tfds_data_dir={corpus.tfds_data_dir}",
-                    f"--val_fraction={VAL}", "--vocab_size=300", f"--output={path}"])
+    train_tokenizer.main(["--source=text_dir", f"--text_dir={corpus.text_dir}", f"--tfds_data_dir={corpus.tfds_data_dir}",
+                          f"--val_fraction={VAL}", "--vocab_size=300", f"--output={path}"])
     tok = data.get_tokenizer(DataConfig(tokenizer=path))
     assert tok.vocab_size == 384 and tok.vocab_size % 128 == 0 and 0 <= tok.eos_id < tok.n_pieces
     for text in ["doc 7: def héllo(x) = 42\n    return wörld", "unseen: Ωμέγα ∑ 🙂 zebra\n\n\tq"]:
@@ -509,7 +509,7 @@ def test_bad_configs_name_field_and_value(tmp_path, corpus, tiny_tfds):
         ({**tfds_cfg, "eval_split": "validation"}, 1, "eval_split", "validation", ValueError, ["'train'", "'test'"]),
         ({**tdir, "train_split": "training"}, 1, "train_split", "training", ValueError, ["'train'", "'validation'"]),
         (dict(tokenizer=str(tmp_path / "missing.model")), 1, "tokenizer", str(tmp_path / "missing.model"),
-         FileNotFoundError, ["python -m moejax.tokenizer"]),
+         FileNotFoundError, ["python -m moejax.train_tokenizer"]),
         (dict(seq_len=1), 1, "seq_len", 1, ValueError, [">= 2"]),
         (dict(batch_size=6, tfds_data_dir=corpus.tfds_data_dir), 4, "batch_size", 6, ValueError,
          ["process_count=4"]),

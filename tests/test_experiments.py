@@ -78,7 +78,7 @@ def test_variants_keep_the_papers_compute_rules():
     (dict(scale="huge"), r"--scale='huge' is invalid; allowed: \('tiny', 'small', 'paper', 'proxy', 'gpu'\)"),
     (dict(seeds=0), r"--seeds=0 is invalid"),
     (dict(only=["moe"]), r"--only='moe' is invalid for suite 'table1'; allowed: \['dense'"),
-    (dict(overrides={"train.stepz": 3}), r"--set train.stepz: the config has no key 'stepz'"),
+    (dict(overrides={"train.stepz": 3}), r"--set train.stepz: the config has no key train.stepz; did you mean --set train.steps\?"),
     (dict(overrides={"model.moe.top_k": 99}), r"top_k=99 is invalid"),
 ])
 def test_bad_arguments_name_the_valid_ones(tmp_path, kwargs, match):

@@ -14,7 +14,7 @@ from absl import flags
 from moejax import config as config_lib
 from moejax import main as main_lib  # noqa: F401  (defines the CLI's flags for parse_cli_flags)
 from moejax import metrics as metrics_lib
-from moejax import train
+from moejax import checkpoint, train
 from tests.test_train import ROOT, TABLE1, _steps_saved, corpus, losses, tiny  # noqa: F401 (corpus: fixture)
 
 
@@ -74,13 +74,13 @@ def test_resume_refuses_a_non_finite_checkpoint(corpus, tmp_path):
     c = tiny(corpus, tmp_path, method="hash", steps=4, checkpoint_every=2)
     w = tmp_path / "w"
     train.train_and_evaluate(c, str(w))
-    mngr = train._checkpoint_manager(str(w), config_lib.to_typed(c).train)
+    mngr = checkpoint.manager(str(w), config_lib.to_typed(c).train)
     trainer = train.load_checkpoint(str(w)).trainer
     state = mngr.restore(4, args=ocp.args.Composite(state=ocp.args.StandardRestore(trainer.abstract_state())))["state"]
     state = __import__("jax").tree.map(lambda x: x * np.nan if x.dtype.kind == "f" else x, state)
     from moejax import data as data_lib
     run = config_lib.to_typed(c)
-    train._save(mngr, 6, state, data_lib.train_iterator(run.data, data_lib.get_tokenizer(run.data)),
+    checkpoint.save(mngr, 6, state, data_lib.train_iterator(run.data, data_lib.get_tokenizer(run.data)),
                 json.loads(c.to_json()), {})
     mngr.wait_until_finished()
     mngr.close()
@@ -94,7 +94,7 @@ def test_resume_refuses_a_non_finite_checkpoint(corpus, tmp_path):
 def test_a_locked_workdir_is_refused_naming_the_holder(corpus, tmp_path):
     w = tmp_path / "w"
     w.mkdir()
-    with train.workdir_lock(str(w)):
+    with checkpoint.workdir_lock(str(w)):
         with pytest.raises(train.WorkdirBusyError, match=rf"in use by another run \(pid {os.getpid()} on "):
             train.train_and_evaluate(tiny(corpus, tmp_path, steps=2), str(w))
     assert not (w / "config.json").exists()
@@ -203,9 +203,9 @@ def test_cli_workdir_errors_are_one_line(tmp_path):
     driver = textwrap.dedent(f"""
         import json, sys
         from absl import flags
-        from moejax import main, train
+        from moejax import checkpoint, main
         out = {{}}
-        with train.workdir_lock({str(tmp_path / 'busy')!r}):
+        with checkpoint.workdir_lock({str(tmp_path / 'busy')!r}):
             for name, workdir in json.loads(sys.argv[1]).items():
                 sys.argv = ["moejax.main", "--config={TABLE1}:method=dense,scale=tiny", "--workdir=" + workdir]
                 try:

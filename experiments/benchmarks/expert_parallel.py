@@ -50,11 +50,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
-import importlib.util
 import math
 import os
-import pathlib
 import re
 import statistics
 import sys
@@ -72,8 +69,9 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from experiments.benchmarks import common  # noqa: E402
+from configs import deepseekmoe_table1 as table1  # noqa: E402
 from moejax import dispatch, moe, sharding  # noqa: E402
-from moejax import model_config
+from moejax import model_config  # noqa: E402
 
 MiB = 2.0 ** 20
 TPU_TOPOLOGY = ("v5p:2x2x2", "v5p-8")  # (topology name, TPU_ACCELERATOR_TYPE)
@@ -99,19 +97,9 @@ def variants(quick: bool) -> list[tuple[str, str, float | None]]:
     return [(m, d, cf) for m in METHODS for d, cf in disp]
 
 
-@functools.cache
-def table1():
-    """configs/deepseekmoe_table1.py, imported by path (configs/ is not a package)."""
-    path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "deepseekmoe_table1.py"
-    spec = importlib.util.spec_from_file_location("deepseekmoe_table1", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def layer_config(method: str, disp: str, cf: float | None, shape: Shape) -> model_config.MoEConfig:
     """The Table-1 MoE layer with `disp` dispatch; routed experts padded to a multiple of 8 weight slots."""
-    c = table1().moe_config(method, shape.d, shape.d_ff)
+    c = table1.moe_config(method, shape.d, shape.d_ff)
     extra = dict(capacity_factor=cf) if disp == "capacity" else {}
     return dataclasses.replace(c, dispatch=disp, pad_experts_to=N_DEVICES, **extra)
 

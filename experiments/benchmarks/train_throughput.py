@@ -41,10 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
-import importlib.util
 import os
-import pathlib
 import statistics
 import time
 
@@ -53,10 +50,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.benchmarks import common
+from configs import deepseekmoe_table1 as table1
 from moejax import config as config_lib
 from moejax import metrics
 from moejax import model as model_lib
-
 from moejax import model_config as mc_lib
 from moejax import train
 
@@ -65,16 +62,6 @@ VOCAB = 384  # byte tokenizer: 256 bytes + special tokens
 ROWS = ("dense", "dense2x", "hash", "switch", "gshard", "deepseekmoe")
 DEFAULT_REPEATS = {"tiny": 20, "small": 5}
 QUICK_REPEATS = 3
-
-
-@functools.cache
-def table1():
-    """configs/deepseekmoe_table1.py, imported by path (configs/ is not a package)."""
-    path = pathlib.Path(__file__).resolve().parents[2] / "configs" / "deepseekmoe_table1.py"
-    spec = importlib.util.spec_from_file_location("deepseekmoe_table1", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +79,12 @@ class Scale:
 
 
 def scales() -> dict[str, Scale]:
-    return {name: Scale(name, *s[:9]) for name, s in table1().SCALES.items()}
+    return {name: Scale(name, *s[:9]) for name, s in table1.SCALES.items()}
 
 
 def model_config(method: str, s: Scale) -> model_lib.ModelConfig:
     """The Table-1 model of `method` at scale s; 'dense2x' is the dense model with FFN width 2 d_ff."""
-    ffn = mc_lib.dense(s.d_model, 2 * s.d_ff) if method == "dense2x" else table1().moe_config(method, s.d_model, s.d_ff)
+    ffn = mc_lib.dense(s.d_model, 2 * s.d_ff) if method == "dense2x" else table1.moe_config(method, s.d_model, s.d_ff)
     return model_lib.ModelConfig(vocab_size=VOCAB, d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads,
                                  moe=ffn, max_len=s.seq_len)
 

@@ -76,19 +76,7 @@ def run_config(variant: str, scale: str, seed: int, overrides: dict, budget: sui
     c.seed = seed
     c.data.shuffle_seed = seed
     for key, value in {**dict(suite_set), **budget_overrides(budget), **overrides}.items():
-        node, *path = key.split(".")
-        parent = c
-        for part in [node] + path[:-1]:
-            if part not in parent:
-                raise ValueError(f"--set {key}: the config has no section {part!r}; allowed: {sorted(parent.keys())}")
-            parent = parent[part]
-        if path[-1] not in parent:
-            raise ValueError(f"--set {key}: the config has no key {path[-1]!r}; allowed: {sorted(parent.keys())}")
-        try:
-            parent[path[-1]] = value
-        except TypeError as e:  # ConfigDict keeps each key's type
-            raise ValueError(f"--set {key}={value!r} is invalid; allowed: a value of the key's type "
-                             f"{type(parent[path[-1]]).__name__} (e.g. {parent[path[-1]]!r})") from e
+        config_lib.override(c, key, value, flag="--set ")
     return c
 
 
@@ -136,8 +124,6 @@ def reusable(workdir: str, name: str, config_dict: dict, needs_evals: bool) -> d
     """The result of the same run (identical config) in a sibling results directory of `workdir`, e.g. the
     DeepSeekMoE runs that table1, segmentation and balancing share; training is deterministic, so it is
     the result this run would produce (checked: same losses per seed in every suite)."""
-    from moejax import config as config_lib
-
     parent = os.path.dirname(os.path.abspath(workdir))
     for other in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
         path = os.path.join(parent, other, "results", name + ".json")

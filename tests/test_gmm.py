@@ -351,13 +351,16 @@ def test_bad_dtypes_and_group_sizes():
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gpu_kernels_lower_to_triton_for_cuda(dtype):
-    """Forward and both gradients (gmm transposed, tgmm) lower to Triton custom calls for CUDA."""
+    """Forward and both gradients (gmm transposed, tgmm) lower to Triton custom calls for CUDA, on a machine
+    without a GPU: the target GPU is named by an abstract mesh (jax >= 0.12 asks for one; an H100 here)."""
     m, k, n, sizes = 512, 256, 384, [100, 0, 300, 50]
     gs = jnp.asarray(sizes, jnp.int32)
     f = jax.jit(jax.value_and_grad(lambda x, w: pallas_kernels.gmm(x, w, gs, platform="gpu")
                                    .astype(jnp.float32).sum(), (0, 1)))
     args = (jax.ShapeDtypeStruct((m, k), dtype), jax.ShapeDtypeStruct((4, k, n), dtype))
-    text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=132, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100)):
+        text = f.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 3
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from moejax import metrics as metrics_lib
 from tests.tolerances import F32
+from tests.conftest import FAST_COMPILE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TABLE1 = ROOT / "configs" / "deepseekmoe_table1.py"
@@ -68,7 +69,7 @@ def launch(args, logdir, processes=2, devices=4, timeout=300, env=None) -> list[
     one exits with an error (the others are killed: a process whose peer died would wait for the distributed
     heartbeat timeout) or when the run exceeds `timeout` seconds."""
     port = _free_port()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}",
            "MOEJAX_TEST_SHUFFLE_WINDOW": str(ROWS_PER_PROCESS), **(env or {})}
     distributed = lambda i: [f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
                              f"--process_id={i}"] if processes > 1 else []

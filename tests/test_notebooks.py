@@ -42,7 +42,7 @@ def test_runs_in_smoke_mode(name, tmp_path):
     env = {**os.environ, "MOEJAX_NOTEBOOK_SMOKE": "1", "MPLBACKEND": "Agg",
            "MOEJAX_NOTEBOOK_WORKDIR": str(tmp_path / "workdir"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one CPU device (conftest simulates 8 for this process)
+           "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one CPU device, XLA's default optimisation (they train; see conftest)
     proc = subprocess.run([sys.executable, str(ROOT / "notebooks" / f"{name}.py")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (f"notebooks/{name}.py exited {proc.returncode}\n--- stdout (tail)\n"

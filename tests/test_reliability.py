@@ -16,6 +16,7 @@ from moejax import main as main_lib  # noqa: F401  (defines the CLI's flags for 
 from moejax import metrics as metrics_lib
 from moejax import checkpoint, train
 from tests.test_train import ROOT, TABLE1, _steps_saved, corpus, losses, tiny  # noqa: F401 (corpus: fixture)
+from tests.conftest import FAST_COMPILE
 
 
 def _history(w):
@@ -216,7 +217,7 @@ def test_cli_workdir_errors_are_one_line(tmp_path):
         print(json.dumps(out))
     """)
     proc = subprocess.run([sys.executable, "-c", driver, json.dumps(cases)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+                          timeout=300, env={**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     for name, message in out.items():

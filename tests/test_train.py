@@ -23,6 +23,7 @@ from moejax import metrics as metrics_lib
 from moejax import model as model_lib
 from moejax import train, trainer
 from tests.tolerances import F32
+from tests.conftest import FAST_COMPILE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TABLE1 = ROOT / "configs" / "deepseekmoe_table1.py"
@@ -292,7 +293,7 @@ def _cli(workdir, corpus, tmp, *extra):
             "--config.train.log_every=1", "--config.train.eval_every=100", "--config.train.checkpoint_every=4"]
     cmd = [sys.executable, "-m", "moejax.main", f"--config={TABLE1}:method=deepseekmoe,scale=tiny",
            f"--workdir={workdir}", *args, *extra]
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

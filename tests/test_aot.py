@@ -263,13 +263,15 @@ def test_flops_scan_correction_matches_analytic_dense():
                                                      ("v5p:2x2x1", {"expert": 4}, "pallas")])
 def test_flops_of_moe_backends_match_compiled_flops(topology, mesh, backend):
     """FLOPs as compiled for dropless MoE layers are `compiled_flops`: blocked's padding rows, and the Pallas
-    kernels' whole row tiles over an expert-parallel receive buffer (Table-1 DeepSeekMoE, small scale, one
-    layer, unrolled; the paper-scale tests below compile scanned steps, whose FLOPs XLA does not count)."""
-    c = config("deepseekmoe_table1", "method=deepseekmoe,scale=small", model__dtype="bfloat16",
+    kernels' whole row tiles over an expert-parallel receive buffer (Table-1 DeepSeekMoE, tiny scale, one
+    layer, unrolled; the paper-scale tests below compile scanned steps, whose FLOPs XLA does not count).
+    Tiny, not small: 15 s to compile instead of 51 s, and the same code paths (blocked: 32-row blocks)."""
+    c = config("deepseekmoe_table1", "method=deepseekmoe,scale=tiny", model__dtype="bfloat16",
                model__n_layers=1, model__moe__backend=backend, model__moe__pad_experts_to=4)
     r = aot.compile_report(c, topology, mesh)
     assert not r["scan_layers"]
-    check_report(r, c, topology, mesh, backend, padding=256 / 172)  # experts' f = 688 / 4 = 172 pads to 256 lanes
+    # minor dimensions of 64 (attention heads) and 88 (experts' f = 352 / 4) pad to 128 lanes: 1.46x measured
+    check_report(r, c, topology, mesh, backend, padding=1.5)
 
 
 # ----- paper-scale configs ------------------------------------------------------------------------------

@@ -216,11 +216,27 @@ def flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def incompatible(saved: dict, current: dict) -> list[str]:
-    """Keys ('a.b') whose values differ between two config dicts, except RUN_CONTROL keys."""
+def field_defaults() -> dict[str, Any]:
+    """{'model.n_kv_heads': 0, ...}: the default of every field of the typed configs, flattened."""
+    from moejax import data as data_lib
+
+    parts = {"model": model_config.ModelConfig, "model.moe": model_config.MoEConfig, "data": data_lib.DataConfig,
+             "train": TrainConfig, "mesh": sharding.MeshConfig}
+    return dict(flatten({f"{where}.{f.name}": f.default for where, cls in parts.items()
+                         for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}))
+
+
+def incompatible(saved: dict, current: dict, ignore: tuple[str, ...] = RUN_CONTROL) -> list[str]:
+    """Keys ('a.b') whose values differ between two config dicts, except `ignore`d keys. A key only one of
+    them has counts as its field's default in the other: a field added to moejax after a run was saved
+    changes nothing at its default (it keeps the behaviour that run had), so that run resumes and its
+    results stay valid."""
     a, b = dict(flatten(saved)), dict(flatten(current))
+    missing = object()
+    defaults = field_defaults() if set(a) ^ set(b) else {}
+    get = lambda d, k: d.get(k, defaults.get(k, missing))
     return [f"{k}: saved {a.get(k)!r}, now {b.get(k)!r}" for k in sorted(set(a) | set(b))
-            if k not in RUN_CONTROL and a.get(k) != b.get(k)]
+            if k not in ignore and get(a, k) != get(b, k)]
 
 
 def expand_user_flags(argv: list[str]) -> list[str]:

@@ -1,11 +1,12 @@
 """Decoder-only transformer LM whose FFNs are dense or MoE layers (moejax.moe.MoE).
 
 Pre-norm blocks (RMSNorm, Zhang & Sennrich 2019), rotary position embeddings (Su et al. 2021), causal
-multi-head attention, tied or untied embeddings. Layer l uses an MoE FFN iff l >= first_k_dense and
+multi-head or grouped-query attention (optionally with query/key norms and q, k, v biases), tied or untied
+embeddings. Layer l uses an MoE FFN iff l >= first_k_dense and
 (l - first_k_dense) % moe_every == 0 (DeepSeekMoE: first layer dense; GShard: every other layer MoE);
 other layers use a dense FFN of width `dense_d_ff`. Parameters are float32; `dtype` is the compute
 dtype (bf16 on accelerators); the router always computes in float32 (moejax.moe).
-Names: B batch, S sequence, d width, H heads, V vocabulary.
+Names: B batch, S sequence, d width, H heads (H_kv key/value heads) of width h, V vocabulary.
 """
 from __future__ import annotations
 
@@ -48,27 +49,55 @@ def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    """Causal multi-head self-attention with rotary positions; softmax in float32."""
+    """Causal self-attention with rotary positions; softmax in float32. H query heads of width h share
+    H_kv key/value heads in groups of H / H_kv (grouped-query attention, Ainslie et al. 2023; H_kv = H is
+    multi-head attention). Query head j reads key/value head j // (H / H_kv), as Hugging Face's
+    `repeat_kv` orders them. qk_norm: RMSNorm of queries and keys before the rotary embedding, over each
+    head ('head': Qwen3) or over all heads' concatenation ('full': OLMoE); qkv_bias: biases on the q, k, v
+    projections (Qwen2)."""
 
-    def __init__(self, d: int, n_heads: int, rope_base: float, *, rngs: nnx.Rngs, init_std: float = 0.0):
-        init = moe_lib.initializer(init_std, in_axis=0, out_axis=(1, 2, 3))
-        self.wqkv = nnx.Param(init(rngs.params(), (d, 3, n_heads, d // n_heads), jnp.float32),
-                              axes=("embed", None, "heads", None))  # [d, 3, H, h]
-        out_init = moe_lib.initializer(init_std, in_axis=(0, 1), out_axis=2)
-        self.wo = nnx.Param(out_init(rngs.params(), (n_heads, d // n_heads, d), jnp.float32),
-                            axes=("heads", None, "embed"))  # [H, h, d]
-        self.rope_base = rope_base
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, H, G, h = config.d_model, config.n_heads, config.kv_heads, config.head_width
+        init = moe_lib.initializer(config.init_std, in_axis=0, out_axis=(1, 2))
+        self.wq = nnx.Param(init(rngs.params(), (d, H, h), jnp.float32), axes=("embed", "heads", None))  # [d, H, h]
+        kv_init = moe_lib.initializer(config.init_std, in_axis=0, out_axis=(1, 2, 3))
+        self.wkv = nnx.Param(kv_init(rngs.params(), (d, 2, G, h), jnp.float32),
+                             axes=("embed", None, "heads", None))  # [d, 2, H_kv, h]: keys, values
+        out_init = moe_lib.initializer(config.init_std, in_axis=(0, 1), out_axis=2)
+        self.wo = nnx.Param(out_init(rngs.params(), (H, h, d), jnp.float32), axes=("heads", None, "embed"))  # [H, h, d]
+        if config.qkv_bias:
+            self.bq = nnx.Param(jnp.zeros((H, h), jnp.float32), axes=("heads", None))
+            self.bkv = nnx.Param(jnp.zeros((2, G, h), jnp.float32), axes=(None, "heads", None))
+        self.qk_norm = config.qk_norm
+        if config.qk_norm != "none":
+            full = config.qk_norm == "full"
+            self.q_norm = RMSNorm(H * h if full else h, config.norm_eps)
+            self.k_norm = RMSNorm(G * h if full else h, config.norm_eps)
+        self.rope_base = config.rope_base
+
+    def _norm(self, norm: RMSNorm, x):  # x [B, S, heads, h]
+        if self.qk_norm == "head":
+            return norm(x)
+        return norm(x.reshape(*x.shape[:2], -1)).reshape(x.shape)
 
     def __call__(self, x, positions, segment_ids=None):
         B, S, _ = x.shape
-        qkv = jnp.einsum("bsd,dthk->tbshk", x, self.wqkv[...].astype(x.dtype))
-        q, k = rope(qkv[0], positions, self.rope_base), rope(qkv[1], positions, self.rope_base)
-        logits = jnp.einsum("bshk,bthk->bhst", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
-        mask = jnp.tril(jnp.ones((S, S), bool))[None, None]
+        q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(x.dtype))
+        kv = jnp.einsum("bsd,dthk->tbshk", x, self.wkv[...].astype(x.dtype))
+        if hasattr(self, "bq"):
+            q, kv = q + self.bq[...].astype(x.dtype), kv + self.bkv[...].astype(x.dtype)[:, None, None]
+        k, v = kv[0], kv[1]
+        if self.qk_norm != "none":
+            q, k = self._norm(self.q_norm, q), self._norm(self.k_norm, k)
+        q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
+        G = k.shape[2]
+        q = q.reshape(B, S, G, -1, q.shape[-1])  # [B, S, H_kv, H / H_kv, h]
+        logits = jnp.einsum("bsngk,btnk->bngst", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
+        mask = jnp.tril(jnp.ones((S, S), bool))[None, None, None]
         if segment_ids is not None:  # packed documents attend only within themselves
-            mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+            mask = mask & (segment_ids[:, None, None, :, None] == segment_ids[:, None, None, None, :])
         probs = jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1).astype(x.dtype)
-        out = jnp.einsum("bhst,bthk->bshk", probs, qkv[2])
+        out = jnp.einsum("bngst,btnk->bsngk", probs, v).reshape(B, S, -1, v.shape[-1])  # [B, S, H, h]
         return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(x.dtype))
 
 
@@ -90,9 +119,9 @@ class Block(nnx.Module):
     """Pre-norm transformer block: x + Attn(norm(x)); x + FFN(norm(x)) with a dense or MoE FFN."""
 
     def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
-        self.attn_norm = RMSNorm(config.d_model)
-        self.attn = Attention(config.d_model, config.n_heads, config.rope_base, rngs=rngs, init_std=config.init_std)
-        self.ffn_norm = RMSNorm(config.d_model)
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config, rngs=rngs)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.ffn = moe_lib.MoE(config.ffn_config(layer), rngs=rngs, init_std=config.init_std)
 
     def ffn_input(self, x, ctx: Context):
@@ -127,7 +156,7 @@ class Transformer(nnx.Module):
         self.blocks = nnx.List([Block(config, l, rngs=rngs) for l in range(n_unrolled)])
         if config.scan_layers and config.n_layers > n_unrolled:
             self.scanned = _stacked_blocks(config, config.n_layers - n_unrolled, rngs)
-        self.final_norm = RMSNorm(config.d_model)
+        self.final_norm = RMSNorm(config.d_model, config.norm_eps)
         if not config.tie_embeddings:
             init = moe_lib.initializer(config.init_std, in_axis=0, out_axis=1)
             self.unembed = nnx.Param(init(rngs.params(), (config.d_model, config.vocab_size), jnp.float32),

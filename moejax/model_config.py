@@ -5,7 +5,8 @@ y = sum_{i <= Ks} FFN_i(x) + sum_{i routed} g_{i,t} FFN_i(x)   (DeepSeekMoE eq. 
 
 Parameterisation (DeepSeekMoE sec. 3): `d_ff` is the width of a standard FFN; segmentation factor m
 makes every expert d_ff / m wide. `n_experts` routed experts and `top_k` routed picks are counted
-after segmentation. The Ks shared experts are computed together as one dense FFN of width Ks * d_ff / m.
+after segmentation. The Ks shared experts are computed together as one dense FFN of width Ks * d_ff / m, or
+`shared_d_ff` if set; `shared_gate` scales their output by sigmoid(x . w_g) (Qwen2-MoE).
 Presets build the papers' settings, e.g. `deepseekmoe(d, d_ff, n_experts=16, top_k=2, m=4,
 n_shared=1)` -> 63 routed experts of width d_ff / 4 with 7 picks, plus 1 shared.
 """
@@ -57,6 +58,8 @@ class MoEConfig:
     n_experts: int = 0
     top_k: int = 0
     n_shared: int = 0
+    shared_d_ff: int = 0  # hidden width of the shared expert(s) together; 0 = n_shared * expert_width
+    shared_gate: bool = False  # scale the shared experts' output by sigmoid(x . w_g), w_g [d, 1] (Qwen2-MoE)
     segmentation: int = 1
     activation: str = "swiglu"
     router: str = "topk"
@@ -90,6 +93,11 @@ class MoEConfig:
                  f"a positive multiple of segmentation={self.segmentation}")
         _require(self.n_experts >= 0, "n_experts", self.n_experts, "an integer >= 0 (0 = dense FFN)")
         _require(self.n_shared >= 0, "n_shared", self.n_shared, "an integer >= 0")
+        _require(self.shared_d_ff >= 0, "shared_d_ff", self.shared_d_ff,
+                 "an integer >= 0 (0 = n_shared * d_ff / segmentation)")
+        for name, off in (("shared_d_ff", 0), ("shared_gate", False)):
+            _require(self.n_shared >= 1 or getattr(self, name) == off, name, getattr(self, name),
+                     f"{off} with n_shared=0 (no shared expert)")
         if self.n_experts == 0:
             _require(self.top_k == 0, "top_k", self.top_k, "0 when n_experts=0 (dense)")
             _require(self.n_shared >= 1, "n_shared", self.n_shared, ">= 1 when n_experts=0 (dense)")
@@ -138,6 +146,11 @@ class MoEConfig:
     def expert_width(self) -> int:
         """f: hidden width of one (fine-grained) expert."""
         return self.d_ff // self.segmentation
+
+    @property
+    def shared_width(self) -> int:
+        """Hidden width of the shared experts, computed together as one FFN (0 without them)."""
+        return self.shared_d_ff or self.n_shared * self.expert_width
 
 
 def dense(d_model: int, d_ff: int, **kw) -> MoEConfig:
@@ -245,6 +258,11 @@ class ModelConfig:
     moe_every: int = 1
     max_len: int = 2048
     rope_base: float = 10000.0
+    n_kv_heads: int = 0  # key/value heads; 0 = n_heads (multi-head); fewer: grouped-query attention
+    head_dim: int = 0  # width of a head; 0 = d_model // n_heads
+    qk_norm: str = "none"  # RMSNorm of queries and keys: 'none', 'head' (each head: Qwen3), 'full' (OLMoE)
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    norm_eps: float = 1e-6  # every RMSNorm's epsilon
     tie_embeddings: bool = True
     dtype: str = "float32"
     init_std: float = 0.0  # > 0: every weight N(0, init_std) (DeepSeekMoE: 0.006); 0: fan-in, embeddings N(0, 1)
@@ -255,8 +273,16 @@ class ModelConfig:
         req = require_for("ModelConfig")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "moe_every", "max_len"):
             req(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
-        req(self.d_model % self.n_heads == 0 and (self.d_model // self.n_heads) % 2 == 0, "n_heads",
-            self.n_heads, f"a divisor of d_model={self.d_model} leaving an even head width")
+        if self.head_dim:
+            req(self.head_dim >= 2 and self.head_dim % 2 == 0, "head_dim", self.head_dim,
+                "0 (d_model // n_heads) or an even integer >= 2 (rotary pairs)")
+        else:
+            req(self.d_model % self.n_heads == 0 and (self.d_model // self.n_heads) % 2 == 0, "n_heads",
+                self.n_heads, f"a divisor of d_model={self.d_model} leaving an even head width (or set head_dim)")
+        req(self.n_kv_heads >= 0 and self.n_heads % self.kv_heads == 0,
+            "n_kv_heads", self.n_kv_heads, f"0 (= n_heads) or a divisor of n_heads={self.n_heads}")
+        req(self.qk_norm in ("none", "head", "full"), "qk_norm", self.qk_norm, "('none', 'head', 'full')")
+        req(self.norm_eps > 0, "norm_eps", self.norm_eps, "> 0")
         req(self.moe.d_model == self.d_model, "moe.d_model", self.moe.d_model, f"d_model={self.d_model}")
         req(0 <= self.first_k_dense <= self.n_layers, "first_k_dense", self.first_k_dense,
             f"0 <= first_k_dense <= n_layers={self.n_layers}")
@@ -266,6 +292,14 @@ class ModelConfig:
         req(self.dtype in ("float32", "bfloat16"), "dtype", self.dtype, "('float32', 'bfloat16')")
         req(not self.scan_layers or self.moe_every == 1, "scan_layers", self.scan_layers,
             f"False with moe_every={self.moe_every} (scanned layers must all be alike: moe_every=1)")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_width(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
 
     def uses_moe_config(self, layer: int) -> bool:
         """Whether layer `layer`'s FFN is configured by `moe` (else a dense FFN of width dense_d_ff). For the

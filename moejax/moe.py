@@ -118,7 +118,9 @@ class MoE(nnx.Module):
         c = self.config = config
         f = c.expert_width
         if c.n_shared:
-            self.shared = _ffn_params(c.d_model, c.n_shared * f, None, c.activation, rngs, param_dtype, init_std)
+            self.shared = _ffn_params(c.d_model, c.shared_width, None, c.activation, rngs, param_dtype, init_std)
+            if c.shared_gate:
+                self.shared_gate = _param(rngs, (c.d_model, 1), 0, (), jnp.float32, init_std, ("embed", None))
         if c.n_experts:
             if routers.get(c.router).learned:
                 self.router = _param(rngs, (c.d_model, c.n_experts), 0, (), jnp.float32, init_std, ("embed", None))
@@ -138,6 +140,9 @@ class MoE(nnx.Module):
         xt = x.reshape(B * S, d)  # [T, d]
         with jax.named_scope("moe/shared_experts"):
             y = experts.ffn(xt, self.shared, c.activation) if c.n_shared else jnp.zeros_like(xt)
+            if c.shared_gate:  # Qwen2-MoE: sigmoid(x . w_g) * shared(x), the gate in float32
+                gate = jax.nn.sigmoid(jnp.dot(xt.astype(jnp.float32), self.shared_gate[...]))  # [T, 1]
+                y = (gate * y.astype(jnp.float32)).astype(y.dtype)
         if not c.n_experts:
             return y.reshape(B, S, d), MoEStats.zeros()
         r = self.route(x, token_ids=token_ids, key=key, train=train)

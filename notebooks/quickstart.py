@@ -56,7 +56,7 @@ CONFIG = "configs/deepseekmoe_table1.py:method=deepseekmoe,scale=tiny"
 config = moejax.config.load(CONFIG)
 if SMOKE:
     config.train.update(steps=6, warmup_steps=2, log_every=2, eval_every=3, checkpoint_every=6)
-    config.data.eval_steps = 1
+    config.data.update(eval_steps=1, final_eval_steps=0)  # 0: the final evaluation also reads 1 batch
 m = config.model
 print(f"{m.n_layers} layers, width {m.d_model}; MoE: {m.moe.n_shared} shared + top-{m.moe.top_k} of {m.moe.n_experts} routed experts "
       f"of width {m.moe.d_ff // m.moe.segmentation}; {config.train.steps} steps of {config.data.batch_size} x {config.data.seq_len} tokens")

@@ -54,7 +54,7 @@ def train_quickstart(workdir: str) -> dict:
     config = moejax.config.load(CONFIG)
     if SMOKE:
         config.train.update(steps=6, warmup_steps=2, log_every=2, eval_every=3, checkpoint_every=6)
-        config.data.eval_steps = 1
+        config.data.update(eval_steps=1, final_eval_steps=0)  # 0: the final evaluation also reads 1 batch
     return moejax.train.train_and_evaluate(config, workdir)
 
 

@@ -193,3 +193,25 @@ def test_unknown_preset_names_valid_ones():
     assert "'nope'" in msg
     for name in PRESETS:
         assert name in msg, name
+
+
+def test_fields_added_after_a_run_was_saved_count_at_their_defaults():
+    """A saved config.json that predates a field (here the attention fields and a MoE field) is the same
+    config as today's at that field's default, so its run resumes and its results are reused; a value other
+    than the default is a difference, named."""
+    import copy
+
+    from moejax import config as config_lib
+
+    current = config_lib.load("configs/deepseekmoe_table1.py:method=deepseekmoe,scale=tiny").to_dict()
+    saved = copy.deepcopy(current)
+    for name in ("n_kv_heads", "head_dim", "qk_norm", "qkv_bias", "norm_eps"):
+        del saved["model"][name]
+    del saved["model"]["moe"]["group_score"]
+    assert config_lib.incompatible(saved, current) == []
+    assert config_lib.incompatible(saved, current, ignore=()) == []
+    current["model"]["n_kv_heads"] = 1
+    assert config_lib.incompatible(saved, current) == ["model.n_kv_heads: saved None, now 1"]
+    current["model"]["n_kv_heads"] = 0
+    current["model"]["no_such_field"] = 3  # not a field: no default to assume
+    assert config_lib.incompatible(saved, current) == ["model.no_such_field: saved None, now 3"]

@@ -86,7 +86,7 @@ def test_scanned_layers_equal_the_unrolled_model(remat):
         return jnp.mean(logits ** 2) + sum(s.loss for s in stats)
 
     gs, gu = nnx.grad(loss)(scanned), nnx.grad(loss)(unrolled)
-    np.testing.assert_allclose(gs["blocks"][0]["attn"]["wqkv"][...], gu["blocks"][0]["attn"]["wqkv"][...], **F32)
+    np.testing.assert_allclose(gs["blocks"][0]["attn"]["wkv"][...], gu["blocks"][0]["attn"]["wkv"][...], **F32)
     for l in range(3):
         for path in (("attn", "wo"), ("ffn", "router")):
             np.testing.assert_allclose(gs["scanned"][path[0]][path[1]][...][l],
@@ -135,24 +135,78 @@ def test_rope_depends_only_on_relative_position():
     np.testing.assert_allclose(score(0, 0), jnp.sum(q * k), **F32)
 
 
-def test_attention_matches_loop_reference():
-    attn = M.Attention(D, H, 10000.0, rngs=nnx.Rngs(3))
+def attention(config_kw=None, seed=3):
+    cfg = M.ModelConfig(V, D, 1, H, model_config.dense(D, 32), **(config_kw or {}))
+    return M.Attention(cfg, rngs=nnx.Rngs(seed)), cfg
+
+
+def loop_attention(attn, cfg, x, pos):
+    """Causal attention of x [S, d] token by token, head by head: query head j reads key/value head
+    j // (H / H_kv) (Hugging Face's repeat_kv order); numpy except for the norms and rotary embedding."""
+    H, G, h = cfg.n_heads, cfg.kv_heads, cfg.head_width
+    wq, wkv, wo = (np.asarray(w[...]) for w in (attn.wq, attn.wkv, attn.wo))
+    q = np.einsum("sd,dhk->shk", x, wq)
+    k, v = (np.einsum("sd,dhk->shk", x, wkv[:, i]) for i in (0, 1))
+    if cfg.qkv_bias:
+        q, k, v = q + np.asarray(attn.bq[...]), k + np.asarray(attn.bkv[0]), v + np.asarray(attn.bkv[1])
+    if cfg.qk_norm == "head":
+        q, k = np.asarray(attn.q_norm(q)), np.asarray(attn.k_norm(k))
+    elif cfg.qk_norm == "full":
+        q = np.asarray(attn.q_norm(q.reshape(len(x), -1))).reshape(q.shape)
+        k = np.asarray(attn.k_norm(k.reshape(len(x), -1))).reshape(k.shape)
+    q, k = (np.asarray(M.rope(jnp.asarray(a)[None], pos, cfg.rope_base))[0] for a in (q, k))
+    out = np.zeros((len(x), H, h))
+    for s in range(len(x)):
+        for j in range(H):
+            g = j // (H // G)
+            sc = np.array([q[s, j] @ k[t, g] / np.sqrt(h) for t in range(s + 1)])
+            p = np.exp(sc - sc.max()) / np.exp(sc - sc.max()).sum()
+            out[s, j] = sum(p[t] * v[t, g] for t in range(s + 1))
+    return np.einsum("shk,hkd->sd", out, wo)
+
+
+@pytest.mark.parametrize("config_kw", [{}, dict(n_kv_heads=2), dict(n_kv_heads=1, head_dim=6),
+                                       dict(n_kv_heads=2, qk_norm="head", qkv_bias=True),
+                                       dict(qk_norm="full", head_dim=16)],
+                         ids=["mha", "gqa", "mqa_head_dim", "gqa_head_norm_bias", "full_norm_head_dim"])
+def test_attention_matches_loop_reference(config_kw):
+    """Multi-head, grouped-query (2 and 1 key/value heads), a head width other than d / H, per-head and
+    whole query/key norms, q/k/v biases: each against the loop reference. Norm scales and biases are drawn
+    away from their initial 1 and 0 so that the test sees them."""
+    attn, cfg = attention(config_kw)
+    assert attn.wq.shape == (D, H, cfg.head_width) and attn.wkv.shape == (D, 2, cfg.kv_heads, cfg.head_width)
+    keys = iter(jax.random.split(jax.random.PRNGKey(9), 4))
+    for name in ("bq", "bkv"):
+        if hasattr(attn, name):
+            w = getattr(attn, name)
+            w[...] = 0.5 * jax.random.normal(next(keys), w.shape)
+    for norm in (getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)):
+        if norm is not None:
+            norm.scale[...] = 1 + 0.5 * jax.random.normal(next(keys), norm.scale.shape)
     x = jax.random.normal(jax.random.PRNGKey(4), (1, 6, D))
     pos = jnp.arange(6)[None]
-    y = attn(x, pos)
-    w = np.asarray(attn.wqkv[...])  # [d, 3, H, h]
-    hd = D // H
-    q = M.rope(jnp.einsum("bsd,dhk->bshk", x, w[:, 0]), pos, 10000.0)[0]
-    k = M.rope(jnp.einsum("bsd,dhk->bshk", x, w[:, 1]), pos, 10000.0)[0]
-    v = np.einsum("sd,dhk->shk", np.asarray(x[0]), w[:, 2])
-    out = np.zeros((6, H, hd))
-    for s in range(6):
-        for h in range(H):
-            sc = np.array([float(q[s, h] @ k[t, h]) / np.sqrt(hd) for t in range(s + 1)])
-            p = np.exp(sc - sc.max()) / np.exp(sc - sc.max()).sum()
-            out[s, h] = sum(p[t] * v[t, h] for t in range(s + 1))
-    ref = np.einsum("shk,hkd->sd", out, np.asarray(attn.wo[...]))
-    np.testing.assert_allclose(y[0], ref, **F32)
+    np.testing.assert_allclose(attn(x, pos)[0], loop_attention(attn, cfg, np.asarray(x[0]), pos), **F32)
+
+
+def test_grouped_query_attention_is_multi_head_with_shared_key_value_heads():
+    """GQA with H_kv heads computes what multi-head attention computes when each key/value head's weights
+    are repeated for its H / H_kv query heads."""
+    gqa, _ = attention(dict(n_kv_heads=2))
+    mha, _ = attention()
+    mha.wq[...], mha.wo[...] = gqa.wq[...], gqa.wo[...]
+    mha.wkv[...] = jnp.repeat(gqa.wkv[...], H // 2, axis=2)
+    x = jax.random.normal(jax.random.PRNGKey(5), (2, 7, D))
+    pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    np.testing.assert_allclose(gqa(x, pos), mha(x, pos), **F32)
+
+
+def test_attention_weights_are_the_active_attention_parameters():
+    """moejax.metrics counts exactly the q, k, v and output weights (FLOPs and MFU build on it)."""
+    from moejax import metrics
+
+    for kw in ({}, dict(n_kv_heads=1, head_dim=6, qk_norm="head")):
+        attn, cfg = attention(kw)
+        assert metrics.active_params(cfg)["attention"] == sum(w.size for w in (attn.wq, attn.wkv, attn.wo))
 
 
 def test_bf16_compute_keeps_f32_params_and_logits():
@@ -225,6 +279,11 @@ INVALID = {
     "rope_base_zero": (dict(rope_base=0.0), "rope_base", "0.0"),
     "unknown_dtype": (dict(dtype="float16"), "dtype", "'float16'"),
     "init_std_negative": (dict(init_std=-0.1), "init_std", "-0.1"),
+    "kv_heads_not_dividing": (dict(n_kv_heads=3), "n_kv_heads", "3"),
+    "kv_heads_negative": (dict(n_kv_heads=-1), "n_kv_heads", "-1"),
+    "odd_head_dim": (dict(head_dim=7), "head_dim", "7"),
+    "unknown_qk_norm": (dict(qk_norm="layer"), "qk_norm", "'layer'"),
+    "norm_eps_zero": (dict(norm_eps=0.0), "norm_eps", "0.0"),
 }
 
 

@@ -141,14 +141,15 @@ def capture_route_inputs(model, x, token_ids, key, monkeypatch):
 
 
 def moe_value_and_grads(model, x, cot, **call):
-    """Output, stats, and gradients of sum(y * cot) w.r.t. x and every nnx.Param (as a plain dict)."""
+    """Output, stats, and gradients of sum(y * cot) w.r.t. x and every nnx.Param (as a plain dict), jitted
+    as training runs it (op by op, a case compiled about 450 small programs)."""
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(params, x):
         y, stats = nnx.merge(graphdef, params, rest)(x, **call)
         return jnp.sum(y.astype(jnp.float32) * cot), (y, stats)
 
-    (_, (y, stats)), (gp, gx) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    (_, (y, stats)), (gp, gx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
     return y, stats, nnx.to_pure_dict(gp), gx
 
 
@@ -486,3 +487,28 @@ def test_dropless_property(case):
     np.testing.assert_allclose(y, ref.moe(ref.params_of(model), x, cfg), **F32)
     np.testing.assert_array_equal(np.asarray(stats.load)[dead], 0)
     assert float(stats.load.sum()) == b * s * K
+
+
+def test_gated_shared_expert_of_any_width():
+    """Qwen2-MoE's shared expert: width shared_d_ff (not a multiple of the routed experts' width), output
+    scaled by sigmoid(x . w_g): the layer adds exactly that to its routed output; metrics count it."""
+    from moejax import metrics
+
+    cfg = model_config.deepseekmoe(D, DFF, n_experts=4, top_k=2, m=2, n_shared=1, shared_d_ff=24, shared_gate=True)
+    layer = MoE(cfg, rngs=nnx.Rngs(0))
+    assert layer.shared["w_up"].shape == (D, 24) and layer.shared_gate.shape == (D, 1)
+    x = jax.random.normal(jax.random.PRNGKey(1), (B, S, D))
+    xt = x.reshape(T, D)
+    want = jax.nn.sigmoid(xt @ layer.shared_gate[...]) * experts.ffn(xt, layer.shared, cfg.activation)
+    y, _ = layer(x)
+    layer.shared["w_down"][...] = jnp.zeros_like(layer.shared["w_down"][...])
+    routed, _ = layer(x)
+    np.testing.assert_allclose((y - routed).reshape(T, D), want, **F32)
+    assert float(jnp.abs(want).max()) > 0.01
+    m = model_config.ModelConfig(vocab_size=8, d_model=D, n_layers=1, n_heads=2, moe=cfg)
+    f, K = DFF // 2, 2 * 2 - 1
+    assert metrics.active_params(m)["ffn"] == 3 * D * 24 + D + 3 * D * f * K
+    with pytest.raises(ValueError, match=r"MoEConfig\.shared_gate=True.*allowed: False with n_shared=0"):
+        model_config.MoEConfig(D, DFF, n_experts=4, top_k=2, shared_gate=True)
+    with pytest.raises(ValueError, match=r"MoEConfig\.shared_d_ff=24.*allowed: 0 with n_shared=0"):
+        model_config.MoEConfig(D, DFF, n_experts=4, top_k=2, shared_d_ff=24)

@@ -114,13 +114,14 @@ def test_sharded_step_equals_single_device(method, dispatch_mode, mesh_name):
 def test_pallas_backend_with_expert_parallelism_equals_single_device():
     """The Pallas grouped matmul (interpreted on CPU) inside the expert-parallel shard_map: each device's
     receive buffer holds its 16 experts' rows, then zero padding the kernel skips. Same init, loss,
-    gradients and 3 AdamW steps as the single-device 'blocked' run."""
+    gradients and 2 AdamW steps as the single-device 'blocked' run (2, not 3: an interpreted step takes
+    about 25 s on 2 CPU cores)."""
     loss0, grads0, params0, _, losses0 = run("deepseekmoe", "dropless", None)
-    loss, grads, params, _, losses = run("deepseekmoe", "dropless", "data2_expert4", backend="pallas")
+    loss, grads, params, _, losses = run("deepseekmoe", "dropless", "data2_expert4", n_steps=2, backend="pallas")
     assert_trees_close(params, params0, "init ")
     np.testing.assert_allclose(loss, loss0, **F32, err_msg="loss of step 0")
     assert_trees_close(grads, grads0, "grads ")
-    np.testing.assert_allclose(losses, losses0, **F32, err_msg="losses of 3 train steps")
+    np.testing.assert_allclose(losses, losses0[:2], **F32, err_msg="losses of 2 train steps")
 
 
 def test_scanned_layers_sharded_equal_single_device():
@@ -149,7 +150,8 @@ def test_parameters_and_batches_are_split_by_the_rules():
     ffn = p["blocks"][0]["ffn"]
     assert ffn["experts"]["w_gate"].sharding.spec == P("expert", "fsdp", "tensor")
     assert ffn["experts"]["w_down"].sharding.spec == P("expert", "tensor", "fsdp")
-    assert p["blocks"][0]["attn"]["wqkv"].sharding.spec == P("fsdp", None, "tensor", None)
+    assert p["blocks"][0]["attn"]["wq"].sharding.spec == P("fsdp", "tensor", None)
+    assert p["blocks"][0]["attn"]["wkv"].sharding.spec == P("fsdp", None, "tensor", None)
     assert p["embed"].sharding.spec == P("tensor", "fsdp")
     assert p["blocks"][0]["attn_norm"]["scale"].sharding.spec == P(None)
     opt_mu = trainer.init()["opt"][1][0].mu  # AdamW's first moment mirrors the parameter's sharding

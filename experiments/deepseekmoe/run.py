@@ -124,6 +124,8 @@ def reusable(workdir: str, name: str, config_dict: dict, needs_evals: bool) -> d
     """The result of the same run (identical config) in a sibling results directory of `workdir`, e.g. the
     DeepSeekMoE runs that table1, segmentation and balancing share; training is deterministic, so it is
     the result this run would produce (checked: same losses per seed in every suite)."""
+    from moejax import config as config_lib
+
     parent = os.path.dirname(os.path.abspath(workdir))
     for other in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
         path = os.path.join(parent, other, "results", name + ".json")
@@ -131,7 +133,8 @@ def reusable(workdir: str, name: str, config_dict: dict, needs_evals: bool) -> d
             continue
         with open(path) as f:
             saved = json.load(f)
-        if saved["config"] == config_dict and (saved.get("evals") or not needs_evals) and "val_tokens" in saved:
+        same = not config_lib.incompatible(saved["config"], config_dict, ignore=())
+        if same and (saved.get("evals") or not needs_evals) and "val_tokens" in saved:
             return {**saved, "reused_from": os.path.relpath(path, parent)}
     return None
 

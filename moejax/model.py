@@ -65,6 +65,7 @@ class Attention(nnx.Module):
                              axes=("embed", None, "heads", None))  # [d, 2, H_kv, h]: keys, values
         out_init = moe_lib.initializer(config.init_std, in_axis=(0, 1), out_axis=2)
         self.wo = nnx.Param(out_init(rngs.params(), (H, h, d), jnp.float32), axes=("heads", None, "embed"))  # [H, h, d]
+        self.qkv_bias = config.qkv_bias
         if config.qkv_bias:
             self.bq = nnx.Param(jnp.zeros((H, h), jnp.float32), axes=("heads", None))
             self.bkv = nnx.Param(jnp.zeros((2, G, h), jnp.float32), axes=(None, "heads", None))
@@ -84,7 +85,7 @@ class Attention(nnx.Module):
         B, S, _ = x.shape
         q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(x.dtype))
         kv = jnp.einsum("bsd,dthk->tbshk", x, self.wkv[...].astype(x.dtype))
-        if hasattr(self, "bq"):
+        if self.qkv_bias:
             q, kv = q + self.bq[...].astype(x.dtype), kv + self.bkv[...].astype(x.dtype)[:, None, None]
         k, v = kv[0], kv[1]
         if self.qk_norm != "none":

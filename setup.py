@@ -27,6 +27,8 @@ setuptools.setup(
         "sentencepiece>=0.2",
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        # moejax.convert: Hugging Face checkpoints read and written as numpy (no torch)
+        "safetensors>=0.4",
         # experiments/deepseekmoe report: figures (PNG, PDF)
         "matplotlib>=3.8",
     ],
@@ -34,8 +36,11 @@ setuptools.setup(
         # jax[tpu] adds the libtpu release matching whichever jax is installed (its tpu extra pins it), so
         # tests compile for TPU topologies ahead of time (moejax.aot) on any Linux machine; no TPU needed.
         # jupytext: the notebooks' .ipynb / .py pairs are checked and the .py run in CI
+        # torch + transformers: the outside reference of tests/test_convert.py (Python 3.11: torch 2.13.0's CPU
+        # build is the one on this project's machines; elsewhere pip would fetch a multi-GB CUDA build)
         "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5", "jupytext>=1.16", "pyyaml>=6",
-                 f'jax[tpu]>={JAX_VERSION}; sys_platform == "linux"'],
+                 f'jax[tpu]>={JAX_VERSION}; sys_platform == "linux"',
+                 'torch==2.13.0; python_version < "3.12"', 'transformers==5.24.0; python_version < "3.12"'],
         # jax[tpu] pins the libtpu that matches its own version, so any jax >= JAX_VERSION gets the right one
         "tpu": [f"jax[tpu]>={JAX_VERSION}"],
         "cuda": [f"jax[cuda12]>={JAX_VERSION}"],

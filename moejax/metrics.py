@@ -29,24 +29,33 @@ def active_params(config: ModelConfig) -> dict[str, float]:
     its router's registry entry counts them: K, or E C / T for expert choice), router (if it owns a weight),
     unembedding. Embedding lookups and norms are not counted."""
     d, n = config.d_model, {"attention": 0.0, "ffn": 0.0, "router": 0.0}
-    qo, kv = config.n_heads * config.head_width, config.kv_heads * config.head_width  # widths of q (and o), k, v
     for layer in range(config.n_layers):
         m = config.ffn_config(layer)
         mats = 3 if m.activation == "swiglu" else 2
         router = routers.get(m.router)
         routed = router.experts_per_token(m) if m.n_experts else 0.0
-        n["attention"] += 2 * d * qo + 2 * d * kv
+        n["attention"] += attention_params(config)
         n["ffn"] += mats * d * (m.shared_width + m.expert_width * routed) + (d if m.shared_gate else 0)
         n["router"] += d * m.n_experts if m.n_experts and router.learned else 0
     n["unembed"] = d * config.vocab_size
     return n
 
 
+def attention_params(config: ModelConfig) -> int:
+    """Weights of one attention layer (biases and norms not counted)."""
+    c, d, H, h = config, config.d_model, config.n_heads, config.head_width
+    if c.attention == "mla":  # queries (through the query latent or not), latent + rotary key, keys + values, out
+        q = d * c.q_lora_rank + c.q_lora_rank * H * c.qk_width if c.q_lora_rank else d * H * c.qk_width
+        return q + d * (c.kv_lora_rank + c.rope_head_dim) + c.kv_lora_rank * H * (h + c.v_width) + H * c.v_width * d
+    return 2 * d * H * h + 2 * d * c.kv_heads * h  # q and o, k and v
+
+
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token, 6 N_active + 12 L H h S (PaLM, Chowdhery et al. 2022, app. B, with the query
-    width H h for d: matmuls forward and backward, attention scores and values without a causal discount)."""
-    width = config.n_heads * config.head_width
-    return 6 * sum(active_params(config).values()) + 12 * config.n_layers * width * seq_len
+    """Training FLOPs per token, 6 N_active + 6 L H (h_qk + h_v) S (PaLM, Chowdhery et al. 2022, app. B: its
+    12 L H Q T with the query/key and value widths: matmuls forward and backward, attention scores and values
+    without a causal discount)."""
+    width = config.n_heads * (config.qk_width + config.v_width)
+    return 6 * sum(active_params(config).values()) + 6 * config.n_layers * width * seq_len
 
 
 class MetricWriter:

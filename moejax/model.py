@@ -1,8 +1,8 @@
 """Decoder-only transformer LM whose FFNs are dense or MoE layers (moejax.moe.MoE).
 
-Pre-norm blocks (RMSNorm, Zhang & Sennrich 2019), rotary position embeddings (Su et al. 2021), causal
-multi-head or grouped-query attention (optionally with query/key norms and q, k, v biases), tied or untied
-embeddings. Layer l uses an MoE FFN iff l >= first_k_dense and
+Pre-norm blocks (RMSNorm, Zhang & Sennrich 2019), causal attention with rotary positions (moejax.attention:
+multi-head or grouped-query, optionally with query/key norms and q, k, v biases; or DeepSeek's multi-head
+latent attention), tied or untied embeddings. Layer l uses an MoE FFN iff l >= first_k_dense and
 (l - first_k_dense) % moe_every == 0 (DeepSeekMoE: first layer dense; GShard: every other layer MoE);
 other layers use a dense FFN of width `dense_d_ff`. Parameters are float32; `dtype` is the compute
 dtype (bf16 on accelerators); the router always computes in float32 (moejax.moe).
@@ -17,89 +17,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import moe as moe_lib
+from moejax.attention import RMSNorm
+from moejax import attention as attention_lib
 from moejax.model_config import ModelConfig
 from moejax import routing
 from moejax import sharding
 
 
 ACT = ("batch", "length", "embed")  # activations between layers: split by batch (moejax.sharding)
-
-
-class RMSNorm(nnx.Module):
-    """x / rms(x) * scale, computed in float32 (Zhang & Sennrich 2019)."""
-
-    def __init__(self, d: int, eps: float = 1e-6):
-        self.scale = nnx.Param(jnp.ones((d,), jnp.float32))
-        self.eps = eps
-
-    def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
-        return (y * self.scale[...]).astype(x.dtype)
-
-
-def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
-    """Rotary embedding (RoFormer eq. 34), pairs (i, i + h/2). x: [B, S, H, h]; positions: [B, S]."""
-    h = x.shape[-1]
-    freq = base ** (-jnp.arange(0, h // 2, dtype=jnp.float32) * 2 / h)  # [h/2]
-    angle = positions[..., None].astype(jnp.float32) * freq  # [B, S, h/2]
-    sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
-
-
-class Attention(nnx.Module):
-    """Causal self-attention with rotary positions; softmax in float32. H query heads of width h share
-    H_kv key/value heads in groups of H / H_kv (grouped-query attention, Ainslie et al. 2023; H_kv = H is
-    multi-head attention). Query head j reads key/value head j // (H / H_kv), as Hugging Face's
-    `repeat_kv` orders them. qk_norm: RMSNorm of queries and keys before the rotary embedding, over each
-    head ('head': Qwen3) or over all heads' concatenation ('full': OLMoE); qkv_bias: biases on the q, k, v
-    projections (Qwen2)."""
-
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        d, H, G, h = config.d_model, config.n_heads, config.kv_heads, config.head_width
-        init = moe_lib.initializer(config.init_std, in_axis=0, out_axis=(1, 2))
-        self.wq = nnx.Param(init(rngs.params(), (d, H, h), jnp.float32), axes=("embed", "heads", None))  # [d, H, h]
-        kv_init = moe_lib.initializer(config.init_std, in_axis=0, out_axis=(1, 2, 3))
-        self.wkv = nnx.Param(kv_init(rngs.params(), (d, 2, G, h), jnp.float32),
-                             axes=("embed", None, "heads", None))  # [d, 2, H_kv, h]: keys, values
-        out_init = moe_lib.initializer(config.init_std, in_axis=(0, 1), out_axis=2)
-        self.wo = nnx.Param(out_init(rngs.params(), (H, h, d), jnp.float32), axes=("heads", None, "embed"))  # [H, h, d]
-        self.qkv_bias = config.qkv_bias
-        if config.qkv_bias:
-            self.bq = nnx.Param(jnp.zeros((H, h), jnp.float32), axes=("heads", None))
-            self.bkv = nnx.Param(jnp.zeros((2, G, h), jnp.float32), axes=(None, "heads", None))
-        self.qk_norm = config.qk_norm
-        if config.qk_norm != "none":
-            full = config.qk_norm == "full"
-            self.q_norm = RMSNorm(H * h if full else h, config.norm_eps)
-            self.k_norm = RMSNorm(G * h if full else h, config.norm_eps)
-        self.rope_base = config.rope_base
-
-    def _norm(self, norm: RMSNorm, x):  # x [B, S, heads, h]
-        if self.qk_norm == "head":
-            return norm(x)
-        return norm(x.reshape(*x.shape[:2], -1)).reshape(x.shape)
-
-    def __call__(self, x, positions, segment_ids=None):
-        B, S, _ = x.shape
-        q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(x.dtype))
-        kv = jnp.einsum("bsd,dthk->tbshk", x, self.wkv[...].astype(x.dtype))
-        if self.qkv_bias:
-            q, kv = q + self.bq[...].astype(x.dtype), kv + self.bkv[...].astype(x.dtype)[:, None, None]
-        k, v = kv[0], kv[1]
-        if self.qk_norm != "none":
-            q, k = self._norm(self.q_norm, q), self._norm(self.k_norm, k)
-        q, k = rope(q, positions, self.rope_base), rope(k, positions, self.rope_base)
-        G = k.shape[2]
-        q = q.reshape(B, S, G, -1, q.shape[-1])  # [B, S, H_kv, H / H_kv, h]
-        logits = jnp.einsum("bsngk,btnk->bngst", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(q.shape[-1])
-        mask = jnp.tril(jnp.ones((S, S), bool))[None, None, None]
-        if segment_ids is not None:  # packed documents attend only within themselves
-            mask = mask & (segment_ids[:, None, None, :, None] == segment_ids[:, None, None, None, :])
-        probs = jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1).astype(x.dtype)
-        out = jnp.einsum("bngst,btnk->bsngk", probs, v).reshape(B, S, -1, v.shape[-1])  # [B, S, H, h]
-        return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(x.dtype))
 
 
 @jax.tree_util.register_dataclass
@@ -121,7 +46,7 @@ class Block(nnx.Module):
 
     def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.attn = Attention(config, rngs=rngs)
+        self.attn = attention_lib.make(config, rngs)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.ffn = moe_lib.MoE(config.ffn_config(layer), rngs=rngs, init_std=config.init_std)
 

@@ -18,6 +18,12 @@ from typing import Any
 from moejax import experts, routers, routing
 
 DISPATCHES = ("capacity", "dropless")
+ATTENTIONS = ("mha", "mla")
+_YARN = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+         "attention_factor", "truncate")
+# rope_scaling keys by rope_type (moejax.attention.rope_frequencies)
+ROPE_SCALING = {"default": (), "linear": ("factor",), "yarn": _YARN,
+                "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor")}
 
 
 def require_for(cls_name: str):
@@ -258,11 +264,17 @@ class ModelConfig:
     moe_every: int = 1
     max_len: int = 2048
     rope_base: float = 10000.0
+    rope_scaling: tuple = ()  # Hugging Face rope_parameters but rope_theta, as (key, value) pairs (or a dict)
     n_kv_heads: int = 0  # key/value heads; 0 = n_heads (multi-head); fewer: grouped-query attention
     head_dim: int = 0  # width of a head; 0 = d_model // n_heads
     qk_norm: str = "none"  # RMSNorm of queries and keys: 'none', 'head' (each head: Qwen3), 'full' (OLMoE)
     qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
-    norm_eps: float = 1e-6  # every RMSNorm's epsilon
+    norm_eps: float = 1e-6  # every RMSNorm's epsilon (but MLA's latent norms: 1e-6)
+    attention: str = "mha"  # 'mha' (multi-head / grouped-query) or 'mla' (DeepSeek-V2 multi-head latent)
+    q_lora_rank: int = 0  # mla: width of the query latent (0 = queries straight from x)
+    kv_lora_rank: int = 0  # mla: width of the key/value latent
+    rope_head_dim: int = 0  # mla: rotary width r of queries and the shared key (head_dim: the rest)
+    v_head_dim: int = 0  # mla: width of a value head; 0 = head width
     tie_embeddings: bool = True
     dtype: str = "float32"
     init_std: float = 0.0  # > 0: every weight N(0, init_std) (DeepSeekMoE: 0.006); 0: fan-in, embeddings N(0, 1)
@@ -273,7 +285,9 @@ class ModelConfig:
         req = require_for("ModelConfig")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "moe_every", "max_len"):
             req(getattr(self, name) >= 1, name, getattr(self, name), "an integer >= 1")
-        if self.head_dim:
+        if self.head_dim and self.attention == "mla":  # rotary channels are rope_head_dim's
+            req(self.head_dim >= 1, "head_dim", self.head_dim, "0 (d_model // n_heads) or an integer >= 1")
+        elif self.head_dim:
             req(self.head_dim >= 2 and self.head_dim % 2 == 0, "head_dim", self.head_dim,
                 "0 (d_model // n_heads) or an even integer >= 2 (rotary pairs)")
         else:
@@ -283,6 +297,7 @@ class ModelConfig:
             "n_kv_heads", self.n_kv_heads, f"0 (= n_heads) or a divisor of n_heads={self.n_heads}")
         req(self.qk_norm in ("none", "head", "full"), "qk_norm", self.qk_norm, "('none', 'head', 'full')")
         req(self.norm_eps > 0, "norm_eps", self.norm_eps, "> 0")
+        self._check_attention(req)
         req(self.moe.d_model == self.d_model, "moe.d_model", self.moe.d_model, f"d_model={self.d_model}")
         req(0 <= self.first_k_dense <= self.n_layers, "first_k_dense", self.first_k_dense,
             f"0 <= first_k_dense <= n_layers={self.n_layers}")
@@ -293,9 +308,54 @@ class ModelConfig:
         req(not self.scan_layers or self.moe_every == 1, "scan_layers", self.scan_layers,
             f"False with moe_every={self.moe_every} (scanned layers must all be alike: moe_every=1)")
 
+    def _check_attention(self, req) -> None:
+        req(self.attention in ATTENTIONS, "attention", self.attention, str(ATTENTIONS))
+        mla = self.attention == "mla"
+        for name in ("q_lora_rank", "kv_lora_rank", "rope_head_dim", "v_head_dim"):
+            req(getattr(self, name) >= 0 and (mla or getattr(self, name) == 0), name, getattr(self, name),
+                "an integer >= 0 with attention='mla', else 0")
+        if mla:
+            req(self.kv_lora_rank >= 1, "kv_lora_rank", self.kv_lora_rank, ">= 1 with attention='mla'")
+            req(self.rope_head_dim >= 2 and self.rope_head_dim % 2 == 0, "rope_head_dim", self.rope_head_dim,
+                "an even integer >= 2 with attention='mla'")
+            for name, off in (("n_kv_heads", 0), ("qk_norm", "none"), ("qkv_bias", False)):
+                req(getattr(self, name) == off, name, getattr(self, name), f"{off!r} with attention='mla'")
+        pairs = self.rope_scaling.items() if isinstance(self.rope_scaling, dict) else self.rope_scaling
+        try:
+            params = {str(k): v for k, v in pairs}
+        except (TypeError, ValueError):
+            params = None
+        req(params is not None, "rope_scaling", self.rope_scaling, "a dict or (key, value) pairs")
+        object.__setattr__(self, "rope_scaling", tuple(sorted(params.items())))  # hashable, one spelling
+        kind = params.get("rope_type", params.get("type", "default"))
+        req(kind in ROPE_SCALING, "rope_scaling", self.rope_scaling,
+            f"rope_type one of {tuple(ROPE_SCALING)} (Hugging Face's 'dynamic' and 'longrope' are not supported)")
+        unknown = set(params) - set(ROPE_SCALING[kind]) - {"rope_type", "type"}
+        req(not unknown, "rope_scaling", self.rope_scaling, f"keys {ROPE_SCALING[kind]} for rope_type={kind!r}")
+        need = {"linear": ("factor",), "llama3": ("factor", "original_max_position_embeddings"),
+                "yarn": ("factor", "original_max_position_embeddings")}.get(kind, ())
+        req(all(params.get(k) for k in need), "rope_scaling", self.rope_scaling, f"{need} set for rope_type={kind!r}")
+
+    @property
+    def rope_params(self) -> dict:
+        """rope_scaling as a dict with 'rope_type' ('default' when empty)."""
+        p = dict(self.rope_scaling)
+        p["rope_type"] = p.pop("type", p.get("rope_type", "default"))
+        return p
+
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def v_width(self) -> int:
+        """Width of a value head (MLA: v_head_dim or the head width)."""
+        return self.v_head_dim or self.head_width
+
+    @property
+    def qk_width(self) -> int:
+        """Width over which queries meet keys: the head width, plus the rotary width under MLA."""
+        return self.head_width + self.rope_head_dim
 
     @property
     def head_width(self) -> int:

@@ -7,6 +7,7 @@ import optax
 import pytest
 from flax import nnx
 
+from moejax import attention as A
 from moejax import model as M
 from moejax import model_config
 from tests.tolerances import F32
@@ -129,15 +130,16 @@ def test_packed_documents_match_separate_runs():
 
 def test_rope_depends_only_on_relative_position():
     q, k = jax.random.normal(jax.random.PRNGKey(1), (2, 1, 1, 1, 8))
+    inv = 10000.0 ** (-jnp.arange(4) / 4)
     def score(pq, pk):
-        return jnp.sum(M.rope(q, jnp.array([[pq]]), 10000.0) * M.rope(k, jnp.array([[pk]]), 10000.0))
+        return jnp.sum(A.rope(q, jnp.array([[pq]]), inv) * A.rope(k, jnp.array([[pk]]), inv))
     np.testing.assert_allclose(score(3, 1), score(10, 8), **F32)
     np.testing.assert_allclose(score(0, 0), jnp.sum(q * k), **F32)
 
 
 def attention(config_kw=None, seed=3):
     cfg = M.ModelConfig(V, D, 1, H, model_config.dense(D, 32), **(config_kw or {}))
-    return M.Attention(cfg, rngs=nnx.Rngs(seed)), cfg
+    return A.Attention(cfg, rngs=nnx.Rngs(seed)), cfg
 
 
 def loop_attention(attn, cfg, x, pos):
@@ -154,7 +156,7 @@ def loop_attention(attn, cfg, x, pos):
     elif cfg.qk_norm == "full":
         q = np.asarray(attn.q_norm(q.reshape(len(x), -1))).reshape(q.shape)
         k = np.asarray(attn.k_norm(k.reshape(len(x), -1))).reshape(k.shape)
-    q, k = (np.asarray(M.rope(jnp.asarray(a)[None], pos, cfg.rope_base))[0] for a in (q, k))
+    q, k = (np.asarray(A.rope(jnp.asarray(a)[None], pos, *A.rope_frequencies(cfg, h)))[0] for a in (q, k))
     out = np.zeros((len(x), H, h))
     for s in range(len(x)):
         for j in range(H):
@@ -188,6 +190,46 @@ def test_attention_matches_loop_reference(config_kw):
     np.testing.assert_allclose(attn(x, pos)[0], loop_attention(attn, cfg, np.asarray(x[0]), pos), **F32)
 
 
+def rms(x, scale, eps=1e-6):
+    return x / np.sqrt(np.mean(x**2, -1, keepdims=True) + eps) * np.asarray(scale[...])
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 10], ids=["q_from_x", "q_latent"])
+def test_latent_attention_matches_loop_reference(q_lora_rank):
+    """MLA (DeepSeek-V2 eq. 9-19) token by token, head by head in numpy: latent c_kv and rotary key k_R from
+    x, per-head keys/values from c_kv, queries from x or from their own latent, scores over [nope; rope]
+    channels scaled by (h + r)^-1/2 times YaRN's mscale^2."""
+    yarn = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=4, mscale=1.0, mscale_all_dim=0.8)
+    cfg = M.ModelConfig(V, D, 1, H, model_config.dense(D, 32), attention="mla", kv_lora_rank=12, rope_head_dim=4,
+                        v_head_dim=6, head_dim=5, q_lora_rank=q_lora_rank, rope_scaling=yarn)
+    attn = A.make(cfg, nnx.Rngs(2))
+    for norm in [attn.kv_norm] + ([attn.q_norm] if q_lora_rank else []):
+        norm.scale[...] = 1 + 0.5 * jax.random.normal(jax.random.PRNGKey(7), norm.scale.shape)
+    S, h, r = 7, 5, 4
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (S, D)))
+    w = {p[0]: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(attn, nnx.Param)) if len(p) == 1}
+    q = (np.einsum("sc,chk->shk", rms(x @ w["wq_a"], attn.q_norm.scale), w["wq_b"]) if q_lora_rank
+         else np.einsum("sd,dhk->shk", x, w["wq"]))
+    ckv = x @ w["wkv_a"]
+    kv = np.einsum("sc,chk->shk", rms(ckv[:, :12], attn.kv_norm.scale), w["wkv_b"])
+    inv, factor = A.rope_frequencies(cfg, r)
+
+    def rot(v, s):  # v [..., r] at position s, pairs (i, i + r/2)
+        c, si = factor * np.cos(s * inv), factor * np.sin(s * inv)
+        return np.concatenate([v[..., :2] * c - v[..., 2:] * si, v[..., 2:] * c + v[..., :2] * si], -1)
+
+    scale = (h + r) ** -0.5 * (0.1 * 0.8 * np.log(4.0) + 1) ** 2
+    out = np.zeros((S, H, 6))
+    for s in range(S):
+        for j in range(H):
+            qs = np.concatenate([q[s, j, :h], rot(q[s, j, h:], s)])
+            sc = np.array([qs @ np.concatenate([kv[t, j, :h], rot(ckv[t, 12:], t)]) * scale for t in range(s + 1)])
+            p = np.exp(sc - sc.max()) / np.exp(sc - sc.max()).sum()
+            out[s, j] = sum(p[t] * kv[t, j, h:] for t in range(s + 1))
+    ref = np.einsum("shk,hkd->sd", out, w["wo"])
+    np.testing.assert_allclose(attn(jnp.asarray(x)[None], jnp.arange(S)[None])[0], ref, **F32)
+
+
 def test_grouped_query_attention_is_multi_head_with_shared_key_value_heads():
     """GQA with H_kv heads computes what multi-head attention computes when each key/value head's weights
     are repeated for its H / H_kv query heads."""
@@ -204,9 +246,12 @@ def test_attention_weights_are_the_active_attention_parameters():
     """moejax.metrics counts exactly the q, k, v and output weights (FLOPs and MFU build on it)."""
     from moejax import metrics
 
-    for kw in ({}, dict(n_kv_heads=1, head_dim=6, qk_norm="head")):
-        attn, cfg = attention(kw)
-        assert metrics.active_params(cfg)["attention"] == sum(w.size for w in (attn.wq, attn.wkv, attn.wo))
+    mla = dict(attention="mla", kv_lora_rank=12, rope_head_dim=4, v_head_dim=6)
+    for kw in ({}, dict(n_kv_heads=1, head_dim=6, qk_norm="head"), mla, dict(mla, q_lora_rank=10, head_dim=5)):
+        cfg = M.ModelConfig(V, D, 1, H, model_config.dense(D, 32), **kw)
+        attn = A.make(cfg, nnx.Rngs(0))
+        weights = [p for path, p in nnx.to_flat_state(nnx.state(attn, nnx.Param)) if path[0].startswith("w")]
+        assert metrics.active_params(cfg)["attention"] == sum(w.size for w in weights) > 0
 
 
 def test_bf16_compute_keeps_f32_params_and_logits():
@@ -284,6 +329,17 @@ INVALID = {
     "odd_head_dim": (dict(head_dim=7), "head_dim", "7"),
     "unknown_qk_norm": (dict(qk_norm="layer"), "qk_norm", "'layer'"),
     "norm_eps_zero": (dict(norm_eps=0.0), "norm_eps", "0.0"),
+    "unknown_attention": (dict(attention="mqa"), "attention", "'mqa'"),
+    "mla_without_latent": (dict(attention="mla", rope_head_dim=4), "kv_lora_rank", "0"),
+    "mla_odd_rope_width": (dict(attention="mla", kv_lora_rank=8, rope_head_dim=3), "rope_head_dim", "3"),
+    "mla_with_kv_heads": (dict(attention="mla", kv_lora_rank=8, rope_head_dim=4, n_kv_heads=2), "n_kv_heads", "2"),
+    "latent_rank_without_mla": (dict(kv_lora_rank=8), "kv_lora_rank", "8"),
+    "unknown_rope_type": (dict(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), "rope_scaling",
+                          r"\(\('factor', 2.0\), \('rope_type', 'dynamic'\)\)"),
+    "yarn_without_original_length": (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling",
+                                     r"\(\('factor', 4.0\), \('rope_type', 'yarn'\)\)"),
+    "rope_key_of_another_type": (dict(rope_scaling={"rope_type": "linear", "factor": 2.0, "beta_fast": 32}),
+                                 "rope_scaling", r"\(\('beta_fast'"),
 }
 
 

@@ -102,16 +102,33 @@ def rope(x: jax.Array, positions: jax.Array, inv_freq, factor: float = 1.0) -> j
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
 
 
-def attend(q, k, v, scale: float, segment_ids=None):
-    """Causal softmax(q k^T scale) v. q [B, S, G, n, hq] (n query heads per key/value head), k [B, S, G, hq],
-    v [B, S, G, hv] -> [B, S, G n, hv]. segment_ids [B, S]: packed documents attend only within themselves."""
+def causal_mask(S: int, segment_ids=None) -> jax.Array:
+    """[1 or B, S, S]: query s sees key t <= s (of its own packed document if segment_ids [B, S] is given)."""
+    mask = jnp.tril(jnp.ones((S, S), bool))[None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    return mask
+
+
+def cache_mask(valid: jax.Array, index, S: int) -> jax.Array:
+    """[B, S, L] for S new tokens written at cache rows index.. : query i sees row t iff valid[b, t] (a real
+    token, not left padding) and t <= index + i. valid: [B, L] with the new rows already marked."""
+    t = jnp.arange(valid.shape[1])
+    return valid[:, None, :] & (t[None, None, :] <= index + jnp.arange(S)[None, :, None])
+
+
+def attend(q, k, v, scale: float, mask):
+    """softmax(q k^T scale) v over the keys `mask` [1 or B, S, T] allows. q [B, S, G, n, hq] (n query heads per
+    key/value head), k [B, T, G, hq], v [B, T, G, hv] -> [B, S, G n, hv]."""
     B, S = q.shape[:2]
     logits = jnp.einsum("bsgnk,btgk->bgnst", q, k, preferred_element_type=jnp.float32) * scale
-    mask = jnp.tril(jnp.ones((S, S), bool))[None, None, None]
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, None, None, :, None] == segment_ids[:, None, None, None, :])
-    probs = jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1).astype(v.dtype)
+    probs = jax.nn.softmax(jnp.where(mask[:, None, None], logits, -1e30), axis=-1).astype(v.dtype)
     return jnp.einsum("bgnst,btgk->bsgnk", probs, v).reshape(B, S, -1, v.shape[-1])
+
+
+def _write(cache: jax.Array, new: jax.Array, index) -> jax.Array:
+    """cache [B, L, ...] with rows index.. replaced by new [B, S, ...]."""
+    return jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, axis=1)
 
 
 def _param(rngs, std, shape, fan_in, axes):
@@ -149,7 +166,8 @@ class Attention(nnx.Module):
             return norm(x)
         return norm(x.reshape(*x.shape[:2], -1)).reshape(x.shape)
 
-    def __call__(self, x, positions, segment_ids=None):
+    def _qkv(self, x, positions):
+        """q [B, S, H_kv, H / H_kv, h], k and v [B, S, H_kv, h], rotary embedding applied."""
         B, S, _ = x.shape
         q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(x.dtype))
         kv = jnp.einsum("bsd,dthk->tbshk", x, self.wkv[...].astype(x.dtype))
@@ -159,9 +177,27 @@ class Attention(nnx.Module):
         if self.qk_norm != "none":
             q, k = self._norm(self.q_norm, q), self._norm(self.k_norm, k)
         q, k = (rope(a, positions, *self.rope) for a in (q, k))
-        G = k.shape[2]
-        out = attend(q.reshape(B, S, G, -1, q.shape[-1]), k, v, self.scale, segment_ids)  # [B, S, H, h]
-        return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(x.dtype))
+        return q.reshape(B, S, k.shape[2], -1, q.shape[-1]), k, v
+
+    def _out(self, out):  # [B, S, H, h] -> [B, S, d]
+        return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(out.dtype))
+
+    def __call__(self, x, positions, segment_ids=None):
+        q, k, v = self._qkv(x, positions)
+        return self._out(attend(q, k, v, self.scale, causal_mask(x.shape[1], segment_ids)))
+
+    def init_cache(self, batch: int, length: int, dtype) -> dict:
+        """Key/value cache rows [B, L, H_kv, h]."""
+        G, h = self.wkv.shape[2], self.wkv.shape[3]
+        return {"k": jnp.zeros((batch, length, G, h), dtype), "v": jnp.zeros((batch, length, G, h), dtype)}
+
+    def decode(self, x, positions, cache: dict, valid, index):
+        """x [B, S, d] written at cache rows index.. -> (y [B, S, d], cache); see `cache_mask` for valid."""
+        q, k, v = self._qkv(x, positions)
+        cache = {"k": _write(cache["k"], k, index), "v": _write(cache["v"], v, index)}
+        out = attend(q, cache["k"].astype(x.dtype), cache["v"].astype(x.dtype), self.scale,
+                     cache_mask(valid, index, x.shape[1]))
+        return self._out(out), cache
 
 
 class LatentAttention(nnx.Module):
@@ -191,20 +227,44 @@ class LatentAttention(nnx.Module):
         self.rope = _rope_consts(config, r)
         self.scale = softmax_scale(config, h + r)
 
-    def __call__(self, x, positions, segment_ids=None):
+    def _latent(self, x, positions):
+        """(q [B, S, H, 1, h + r] with RoPE on its last r channels, the cache entries: c_kv [B, S, r_kv] after
+        its norm and k_R [B, S, 1, r] after RoPE)."""
         h, r, hv, rkv = self.dims
         dt = x.dtype
         if self.q_lora:
             q = jnp.einsum("bsc,chk->bshk", self.q_norm(x @ self.wq_a[...].astype(dt)), self.wq_b[...].astype(dt))
         else:
             q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))  # [B, S, H, h + r]
-        ckv = x @ self.wkv_a[...].astype(dt)  # [B, S, r_kv + r]
-        c, k_rot = self.kv_norm(ckv[..., :rkv]), rope(ckv[..., None, rkv:], positions, *self.rope)
-        kv = jnp.einsum("bsc,chk->bshk", c, self.wkv_b[...].astype(dt))  # [B, S, H, h + h_v]
         q = jnp.concatenate([q[..., :h], rope(q[..., h:], positions, *self.rope)], -1)
+        ckv = x @ self.wkv_a[...].astype(dt)  # [B, S, r_kv + r]
+        return q[:, :, :, None], self.kv_norm(ckv[..., :rkv]), rope(ckv[..., None, rkv:], positions, *self.rope)
+
+    def _attend(self, q, c, k_rot, mask):
+        """Heads' keys [k_C; k_R] and values from the latent c [B, T, r_kv] and k_R [B, T, 1, r] -> [B, S, d]."""
+        h, r, hv, rkv = self.dims
+        kv = jnp.einsum("btc,chk->bthk", c, self.wkv_b[...].astype(q.dtype))  # [B, T, H, h + h_v]
         k = jnp.concatenate([kv[..., :h], jnp.broadcast_to(k_rot, (*kv.shape[:3], r))], -1)
-        out = attend(q[:, :, :, None], k, kv[..., h:], self.scale, segment_ids)  # [B, S, H, h_v]
-        return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(dt))
+        out = attend(q, k, kv[..., h:], self.scale, mask)  # [B, S, H, h_v]
+        return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(q.dtype))
+
+    def __call__(self, x, positions, segment_ids=None):
+        q, c, k_rot = self._latent(x, positions)
+        return self._attend(q, c, k_rot, causal_mask(x.shape[1], segment_ids))
+
+    def init_cache(self, batch: int, length: int, dtype) -> dict:
+        """The compressed cache of DeepSeek-V2 sec. 2.1.2: latent rows [B, L, r_kv] and rotary keys [B, L, 1, r]."""
+        h, r, hv, rkv = self.dims
+        return {"c": jnp.zeros((batch, length, rkv), dtype), "k_rot": jnp.zeros((batch, length, 1, r), dtype)}
+
+    def decode(self, x, positions, cache: dict, valid, index):
+        """As Attention.decode, caching the latent and the rotary key (the heads' keys and values are
+        recomputed from the latent at each step; DeepSeek-V2's weight absorption is not done)."""
+        q, c, k_rot = self._latent(x, positions)
+        cache = {"c": _write(cache["c"], c, index), "k_rot": _write(cache["k_rot"], k_rot, index)}
+        y = self._attend(q, cache["c"].astype(x.dtype), cache["k_rot"].astype(x.dtype),
+                         cache_mask(valid, index, x.shape[1]))
+        return y, cache
 
 
 def make(config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:

@@ -443,11 +443,6 @@ def import_checkpoint(hf_dir: str, workdir: str, *, tokenizer: str = "", mesh=No
     """Write the Hugging Face checkpoint in hf_dir as a moejax workdir (config.json + checkpoints/0) that
     `load_checkpoint` reads. tokenizer: the data.tokenizer of the workdir ('byte' or a SentencePiece .model;
     default: hf_dir/tokenizer.model). Returns the ModelConfig."""
-    import orbax.checkpoint as ocp
-    from moejax import checkpoint as ckpt
-    from moejax import config as config_lib
-    from moejax.trainer import Trainer
-
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing; allowed: a Hugging Face checkpoint directory (config.json and "
@@ -460,35 +455,53 @@ def import_checkpoint(hf_dir: str, workdir: str, *, tokenizer: str = "", mesh=No
     if not tokenizer:
         raise ConversionError(f"{hf_dir} has no SentencePiece tokenizer.model; pass tokenizer= ('byte' or a "
                               f"SentencePiece .model); Hugging Face tokenizer.json files are not read yet")
+    experiment, trainer = model_workdir_config(c, tokenizer, mesh)
+    state = load_state(hf_dir, c, hf["model_type"], trainer.state_sharding)
+    save_model(workdir, experiment, trainer, state, {"converted_from": os.path.abspath(hf_dir),
+                                                     "family": hf["model_type"]})
+    return c
+
+
+def model_workdir_config(c: mc.ModelConfig, tokenizer: str, mesh=None):
+    """(experiment ConfigDict, Trainer) of a workdir holding a model of config c with `tokenizer`: the data
+    and training parts are moejax's defaults (a fine-tuning run sets its own)."""
+    from moejax import config as config_lib
+    from moejax import data as data_lib
+    from moejax.trainer import Trainer
+
     model = {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if f.name not in ("moe", "max_len")}
     experiment = config_lib.experiment(model=model, moe=c.moe, data=dict(tokenizer=tokenizer,
                                                                           seq_len=min(c.max_len, 2048)),
                                        train=dict(steps=1, warmup_steps=0))
     run = config_lib.to_typed(experiment)
-    from moejax import data as data_lib
     vocab = data_lib.get_tokenizer(run.data).vocab_size
     if vocab > c.vocab_size:
         raise ConversionError(f"tokenizer {tokenizer!r} has {vocab} ids, more than the model's vocab_size="
                               f"{c.vocab_size}; allowed: the model's own tokenizer")
-    trainer = Trainer(run.model_config(vocab), run.train, run.seed, mesh)
-    state = load_state(hf_dir, c, hf["model_type"], trainer.state_sharding)
-    state["opt"] = jax.jit(trainer.tx.init, out_shardings=trainer.state_sharding["opt"])(state["params"])
+    return experiment, Trainer(run.model_config(vocab), run.train, run.seed, mesh)
+
+
+def save_model(workdir: str, experiment, trainer, state: dict, meta: dict) -> None:
+    """Save the model state {'params', 'rest'} as step 0 of a new workdir (with a fresh optimiser state, so
+    that `load_checkpoint` reads it like a training checkpoint) and its config.json."""
+    import orbax.checkpoint as ocp
+    from moejax import checkpoint as ckpt
+
+    state = {**state, "opt": jax.jit(trainer.tx.init, out_shardings=trainer.state_sharding["opt"])(state["params"])}
     os.makedirs(workdir, exist_ok=True)
     config_dict = json.loads(experiment.to_json())
-    mngr = ckpt.manager(workdir, run.train)
+    mngr = ckpt.manager(workdir, trainer.train)
     try:
         if mngr.latest_step() is not None:
             raise FileExistsError(f"{workdir} already holds checkpoints {list(mngr.all_steps())}; allowed: a new "
                                   f"or empty workdir")
         mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config_dict),
-                                             meta=ocp.args.JsonSave({"converted_from": os.path.abspath(hf_dir),
-                                                                     "family": hf["model_type"]})))
+                                             meta=ocp.args.JsonSave(meta)))
         mngr.wait_until_finished()
     finally:
         mngr.close()
     ckpt.write_json_atomic(os.path.join(workdir, "config.json"), config_dict)
-    ckpt.history(workdir, "import", 0, source=os.path.abspath(hf_dir), family=hf["model_type"])
-    return c
+    ckpt.history(workdir, "import", 0, **meta)
 
 
 def export_checkpoint(workdir: str, hf_dir: str, *, step: int | None = None, family: str | None = None) -> str:

@@ -60,6 +60,13 @@ class Block(nnx.Module):
         y, stats = self.ffn(u, token_ids=ctx.token_ids, key=ctx.key, train=ctx.train)
         return h + y, stats
 
+    def decode(self, x, positions, token_ids, cache: dict, valid, index):
+        """Evaluation-mode block over new tokens x [B, S, d] with this layer's attention cache -> (x, cache)."""
+        a, cache = self.attn.decode(self.attn_norm(x), positions, cache, valid, index)
+        h = x + a
+        y, _ = self.ffn(self.ffn_norm(h), token_ids=token_ids)
+        return h + y, cache
+
 
 class Transformer(nnx.Module):
     """__call__(tokens [B, S], positions, segment_ids, *, key, train) -> (logits [B, S, V] float32, [MoEStats
@@ -133,11 +140,43 @@ class Transformer(nnx.Module):
             x, _ = block(x, ctx)
         return out
 
+    def init_cache(self, batch: int, length: int) -> dict:
+        """An empty decoding cache for `batch` sequences of up to `length` tokens: every layer's attention
+        cache ('layers'), 'valid' [B, L] (rows holding real tokens) and 'index' (rows written so far)."""
+        dtype = jnp.dtype(self.config.dtype)
+        return {"layers": [self.block(l).attn.init_cache(batch, length, dtype) for l in range(self.config.n_layers)],
+                "valid": jnp.zeros((batch, length), bool), "index": jnp.zeros((), jnp.int32)}
+
+    def decode(self, tokens, positions, cache: dict, real=None):
+        """Evaluation-mode logits of new tokens [B, S] at positions [B, S], attending to the cache and to each
+        other -> (logits [B, S, V] float32, cache with the S tokens written). real [B, S] bool marks tokens to
+        attend to (False: left padding of a shorter prompt; default all True). Routing is per token, so the
+        MoE layers compute what the full forward pass computes (use dropless dispatch: a capacity layer
+        would drop by a batch's competition)."""
+        c = self.config
+        index = cache["index"]
+        real = jnp.ones(tokens.shape, bool) if real is None else real
+        valid = jax.lax.dynamic_update_slice_in_dim(cache["valid"], real, index, axis=1)
+        x, _ = self._embed(tokens, positions)
+        layers = []
+        for l in range(c.n_layers):
+            x, layer_cache = self.block(l).decode(x, positions, tokens, cache["layers"][l], valid, index)
+            layers.append(layer_cache)
+        return self._logits(x), {"layers": layers, "valid": valid, "index": index + tokens.shape[1]}
+
+    def _logits(self, x):
+        """Final norm and unembedding of x [B, S, d] -> logits [B, S, V] float32."""
+        c, dtype = self.config, jnp.dtype(self.config.dtype)
+        x = self.final_norm(x)
+        if c.tie_embeddings:  # scale by d^-1/2 so tied logits start at unit scale
+            logits = jnp.einsum("bsd,vd->bsv", x, self.embed[...].astype(dtype), preferred_element_type=jnp.float32)
+            return logits * c.d_model ** -0.5
+        return jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(dtype), preferred_element_type=jnp.float32)
+
     def __call__(self, tokens, positions=None, segment_ids=None, *, key=None, train: bool = False):
         c = self.config
         if train and key is None:
             raise ValueError("Transformer(...)(tokens, train=True) needs key= (routing randomness in training)")
-        dtype = jnp.dtype(c.dtype)
         x, positions = self._embed(tokens, positions)
         ctx = Context(positions, segment_ids, tokens, None, train)
         keys = jax.random.split(key, c.n_layers) if train else None
@@ -154,13 +193,7 @@ class Transformer(nnx.Module):
             x, s = self._scan(x, ctx, keys[len(self.blocks):] if train else None)
             if c.moe.n_experts:
                 stats += [jax.tree.map(lambda a: a[i], s) for i in range(self.n_scanned)]
-        x = self.final_norm(x)
-        if c.tie_embeddings:  # scale by d^-1/2 so tied logits start at unit scale
-            logits = jnp.einsum("bsd,vd->bsv", x, self.embed[...].astype(dtype), preferred_element_type=jnp.float32)
-            logits = logits * c.d_model ** -0.5
-        else:
-            logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(dtype), preferred_element_type=jnp.float32)
-        return sharding.constrain(logits, ("batch", "length", "vocab")), stats
+        return sharding.constrain(self._logits(x), ("batch", "length", "vocab")), stats
 
     def _scan(self, x, ctx: Context, keys):
         """The stacked layers over x [B, S, d] by jax.lax.scan -> (x, MoEStats with a leading layer axis)."""

@@ -24,6 +24,7 @@ from moejax import model_config, sharding
 
 _require = model_config.require_for("TrainConfig")
 SCHEDULES = ("deepseekmoe", "cosine", "constant")
+UPCYCLE = ("none", "sparse", "fine_grained")  # moejax.upcycle
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,9 @@ class TrainConfig:
       'constant':    then constant.
     One step = one optimiser update on data.batch_size sequences, split into `grad_accum` micro-batches.
     `peak_flops` per device for MFU (0 = look up the device kind; MFU is not logged if unknown).
+    `init_from`: a moejax workdir (trained, or imported by moejax.convert) whose latest parameters start this
+    run instead of random ones (at step 0 only; the optimiser starts fresh); `upcycle` says how
+    (moejax.upcycle): 'none' (the same model: fine-tuning), 'sparse' or 'fine_grained' (MoE from a dense model).
     """
 
     steps: int = 100
@@ -56,6 +60,8 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     peak_flops: float = 0.0
+    init_from: str = ""
+    upcycle: str = "none"
 
     def __post_init__(self):
         for name in ("steps", "grad_accum", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
@@ -70,6 +76,9 @@ class TrainConfig:
         _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "0 <= min_lr_ratio <= 1")
         for name in ("b1", "b2"):
             _require(0 <= getattr(self, name) < 1, name, getattr(self, name), "0 <= beta < 1")
+        _require(self.upcycle in UPCYCLE, "upcycle", self.upcycle, str(UPCYCLE))
+        _require(self.upcycle == "none" or bool(self.init_from), "upcycle", self.upcycle,
+                 "'none' unless init_from names the dense model's workdir")
         for name in ("eps", "weight_decay", "clip_norm", "peak_flops"):
             _require(getattr(self, name) >= 0, name, getattr(self, name), ">= 0 (clip_norm 0 = no clipping)")
 
@@ -222,7 +231,9 @@ def field_defaults() -> dict[str, Any]:
 
     parts = {"model": model_config.ModelConfig, "model.moe": model_config.MoEConfig, "data": data_lib.DataConfig,
              "train": TrainConfig, "mesh": sharding.MeshConfig}
-    return dict(flatten({f"{where}.{f.name}": f.default for where, cls in parts.items()
+    import json  # defaults as a config.json holds them (tuples as lists)
+
+    return dict(flatten({f"{where}.{f.name}": json.loads(json.dumps(f.default)) for where, cls in parts.items()
                          for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}))
 
 

@@ -127,6 +127,9 @@ def _train(run, config_dict, workdir, progress, allow_changes, chief, start) -> 
                 saved = json.load(f)
             changes = ckpt.config_changes(saved, config_dict, allow_changes, f"{config_path} (no checkpoint yet)")
         state = trainer.init()
+        if t.init_from:
+            state = _start_from(t, trainer, state)
+            _log(f"parameters from {t.init_from}" + (f" ({t.upcycle} upcycling)" if t.upcycle != "none" else ""))
     prior_wall = float(meta.get("wall_s", 0.0))
     if chief:
         ckpt.write_json_atomic(config_path, config_dict)
@@ -202,6 +205,23 @@ def _train(run, config_dict, workdir, progress, allow_changes, chief, start) -> 
     _log(f"{stopped}{step} steps, {step * tokens_per_step:,} tokens, final val loss {val}, {wall:.0f} s wall"
          + (f", mesh {dict(mesh.shape)}" if mesh.size > 1 else ""))
     return summary
+
+
+def _start_from(t, trainer: Trainer, state: dict) -> dict:
+    """state with the parameters of t.init_from's latest checkpoint (moejax.upcycle, method t.upcycle) and a
+    fresh optimiser state for them, on trainer's shardings."""
+    from moejax import upcycle
+
+    try:
+        source = ckpt.load_checkpoint(os.path.expanduser(t.init_from))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"config.train.init_from={t.init_from!r} is not a moejax workdir with a checkpoint "
+                                f"({e})") from e
+    new = upcycle.upcycle(t.upcycle, source.trainer.model_config, source.state["params"], trainer.model_config,
+                          {k: state[k] for k in ("params", "rest")})
+    new = jax.device_put(new, {k: trainer.state_sharding[k] for k in ("params", "rest")})
+    new["opt"] = jax.jit(trainer.tx.init, out_shardings=trainer.state_sharding["opt"])(new["params"])
+    return new
 
 
 def _log(message: str) -> None:

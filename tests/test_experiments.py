@@ -155,9 +155,20 @@ def test_specialisation_suite_trains_skips_resumes_and_reports(tmp_path):
     assert again["val_loss"] == result["val_loss"] and again["evals"] == result["evals"]
     assert again["curves"]["step"] == [1, 2], "resumed from the finished checkpoint, not retrained"
 
+    piqa = os.path.join(os.path.dirname(__file__), "data", "tasks", "piqa.jsonl")
+    run.run_suite("specialisation", "tiny", 1, workdir, only=["deepseekmoe"], overrides=FAST, report=False,
+                  tasks={"piqa": piqa})  # downstream tasks are added to a finished run from its checkpoint
+    with open(path) as f:
+        scored = json.load(f)
+    assert scored["downstream"]["piqa"]["n"] == 3 and scored["val_loss"] == result["val_loss"]
+    mtime = os.path.getmtime(path)
+    run.run_suite("specialisation", "tiny", 1, workdir, only=["deepseekmoe"], overrides=FAST, tasks={"piqa": piqa})
+    assert os.path.getmtime(path) == mtime, "a task a run has is not scored again"
+
     out = os.path.join(workdir, "report")
     md = open(os.path.join(out, "tables.md")).read()
     assert f"| DeepSeekMoE | 1 | {result['val_loss']:.3f} | 1.808 |" in md
+    assert f"| {scored['downstream']['piqa']['acc']:.3f} | {scored['downstream']['piqa']['acc_norm']:.3f} |" in md
     assert "no shared expert, +1 routed (paper: 2.414)" in md
     for name in ("loss_curves", "expert_load", "max_vio", "disabled_top", "active_experts"):
         assert os.path.getsize(os.path.join(out, f"{name}.png")) > 0
@@ -205,6 +216,11 @@ def test_report_tables_mean_std_paper_and_claims():
     assert "| Switch < Dense | paper |" in md and "| DeepSeekMoE < Dense | paper |" in md
     assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
     assert r"2.100 $\pm$ 0.141" in tex
+    for r, acc in zip(results, (0.5, 0.7)):  # downstream accuracies: columns, and metrics for claims
+        r["downstream"] = {"piqa": {"acc": acc, "acc_norm": acc + 0.1, "n": 10}}
+    md, _ = report.tables(suite, {"scale": "tiny"}, report.summarise(suite, results), results)
+    assert "| piqa acc | piqa acc_norm |" in md and f"| 0.600 ± {np.std([0.5, 0.7], ddof=1):.3f} | 0.700 ± " in md
+    assert report.metric(results[0], "acc_norm@piqa") == 0.6 and report.metric(results[2], "acc@piqa") is None
 
 
 def test_token_sweep_report_says_where_a_claim_starts_to_hold(tmp_path):

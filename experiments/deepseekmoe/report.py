@@ -132,7 +132,11 @@ def metric(r: dict, name: str, ev: str = "") -> float | None:
     if name in ("max_vio_global", "max_vio_batch"):
         key = {"max_vio_global": "val_max_vio", "max_vio_batch": "val_max_vio_batch"}[name]
         return float(np.mean(r[key])) if key in r else None
-    raise ValueError(f"metric {name!r} is invalid; allowed: val_loss, max_vio_global, max_vio_batch, rise@EVAL")
+    kind, _, task = name.partition("@")
+    if kind in ("acc", "acc_norm") and task:
+        return r.get("downstream", {}).get(task, {}).get(kind)
+    raise ValueError(f"metric {name!r} is invalid; allowed: val_loss, max_vio_global, max_vio_batch, rise@EVAL, "
+                     f"acc@TASK, acc_norm@TASK")
 
 
 METRIC_LABELS = {"val_loss": "val loss", "max_vio_global": "MaxVio (val, global)",
@@ -179,7 +183,7 @@ def claim_text(suite: suites.Suite, c: suites.Claim) -> str:
     if c.metric.startswith("rise@"):
         ev = _eval_label(c.metric.split("@", 1)[1])
         return f"loss rise with {ev}: {_side_label(suite, c.lower)} < {_side_label(suite, c.higher)}"
-    what = "" if c.metric == "val_loss" else f" in {METRIC_LABELS[c.metric]}"
+    what = "" if c.metric == "val_loss" else f" in {METRIC_LABELS.get(c.metric, c.metric)}"
     return f"{_side_label(suite, c.lower)} < {_side_label(suite, c.higher)}{what}"
 
 
@@ -252,6 +256,10 @@ def _summary(row: suites.Row, rs: list[dict], budget: int | None) -> dict:
         out["max_vio_train"] = _stats(np.mean(r["curves"]["max_vio"]) for r in rs)
     if rs[0].get("init_gate_mass"):
         out["init_gate_mass"] = _stats(np.mean(r["init_gate_mass"]) for r in rs)
+    tasks = sorted({t for r in rs for t in r.get("downstream", {})})
+    if tasks:  # downstream accuracies (moejax.downstream), mean over the seeds that have them
+        out["downstream"] = {f"{t} {k}": _stats(r["downstream"][t][k] for r in rs if t in r.get("downstream", {}))
+                             for t in tasks for k in ("acc", "acc_norm")}
     if "evals" in rs[0]:
         E = c["model"]["moe"]["n_experts"]
         names = {_eval_key(n, E): n for n in rs[0]["evals"]}
@@ -304,6 +312,8 @@ def columns(suite: suites.Suite, rows: list[dict]) -> list[tuple[str, callable]]
                  ("MaxVio train batch", lambda r: _pm(r.get("max_vio_train", nan), 2))]
     if suite.name == "olmoe":
         cols.append(("tokens/s", lambda r: _pm(r["tokens_per_s"], 0)))
+    names = sorted({n for r in rows for n in r.get("downstream", {})})
+    cols += [(n, lambda r, n=n: _pm(r.get("downstream", {}).get(n, (np.nan, np.nan)))) for n in names]
     return cols
 
 

@@ -217,10 +217,34 @@ def write_result(path: str, result: dict) -> None:
     os.replace(path + ".tmp", path)  # a killed write leaves no half file behind
 
 
+def add_downstream(path: str, run_dir: str, tasks: dict) -> bool:
+    """Score the run's final checkpoint on the tasks {name: JSONL} its results file lacks (moejax.downstream)
+    and add them under 'downstream'; False (and a warning) if its checkpoint is not on this machine."""
+    with open(path) as f:
+        result = json.load(f)
+    todo = {k: v for k, v in tasks.items() if k not in result.get("downstream", {})}
+    if not todo:
+        return False
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        print(f"    warning: no checkpoint in {run_dir}: tasks {sorted(todo)} not scored", flush=True)
+        return False
+    from moejax import downstream
+    from moejax.checkpoint import load_checkpoint
+    from moejax.generate import for_inference
+
+    ck = load_checkpoint(run_dir)
+    scores = downstream.evaluate(for_inference(ck), ck.tokenizer, todo)
+    for name, r in scores.items():
+        print(f"    {name}: acc {r['acc']:.3f}, acc_norm {r['acc_norm']:.3f} (n = {r['n']})", flush=True)
+    result["downstream"] = {**result.get("downstream", {}), **scores}
+    write_result(path, result)
+    return True
+
+
 def train_run(row: suites.Row, scale: str, seed: int, overrides: dict, workdir: str,
-              budget: suites.Budget | None = None, suite_set=()) -> dict | None:
-    """Train (or resume, or reuse) one run and return its result dict; None if it was done already,
-    {'interrupted': signal name} if a signal stopped it."""
+              budget: suites.Budget | None = None, suite_set=(), tasks: dict | None = None) -> dict | None:
+    """Train (or resume, or reuse) one run and return its result dict; None if it was done already (tasks
+    its results lack are scored then), {'interrupted': signal name} if a signal stopped it."""
     import jax
 
     from moejax import train
@@ -229,15 +253,18 @@ def train_run(row: suites.Row, scale: str, seed: int, overrides: dict, workdir: 
     config_dict = json.loads(config.to_json())
     name = run_name(row.variant, seed, budget)
     path = result_path(workdir, row.variant, seed, budget)
+    run_dir = os.path.join(workdir, "runs", row.variant, *([f"s{budget.steps}"] if budget else []), f"seed{seed}")
     if check_result(path, config_dict):
         print(f"  {name}: done ({os.path.relpath(path, workdir)})")
+        if tasks and add_downstream(path, run_dir, tasks):
+            with open(path) as f:
+                return json.load(f)
         return None
     reused = reusable(workdir, name, config_dict, row.evals)
     if reused:
         write_result(path, {**reused, "label": row.label})
         print(f"  {name}: same run as {reused['reused_from']}, copied")
         return reused
-    run_dir = os.path.join(workdir, "runs", row.variant, *([f"s{budget.steps}"] if budget else []), f"seed{seed}")
     print(f"  {name}: training in {run_dir}", flush=True)
     os.makedirs(run_dir, exist_ok=True)
     summary = train.train_and_evaluate(config, run_dir, progress=False)
@@ -265,6 +292,10 @@ def train_run(row: suites.Row, scale: str, seed: int, overrides: dict, workdir: 
     if budget:
         result["budget_steps"] = budget.steps
     write_result(path, result)
+    if tasks:
+        add_downstream(path, run_dir, tasks)
+        with open(path) as f:
+            result = json.load(f)
     return result
 
 
@@ -298,10 +329,12 @@ def git_commit(path: str, message: str, tries: int = 5) -> None:
 
 
 def run_suite(suite_name: str, scale: str, seeds: int, workdir: str, only=(), overrides=None,
-              report: bool = True, commit_results: bool = False) -> str | None:
+              report: bool = True, commit_results: bool = False, tasks: dict | None = None) -> str | None:
     """Train every run of the suite not finished yet (`plan`); returns the name of the signal that stopped
     it, or None. Writes workdir/report/ when all runs are done and `report`. commit_results: git-commit each
-    results file as soon as it is written (long sweeps: a later machine resumes from what is committed)."""
+    results file as soon as it is written (long sweeps: a later machine resumes from what is committed).
+    tasks: {name: JSONL path} of downstream tasks to score every run on (moejax.downstream; finished runs
+    whose checkpoints are here get them added)."""
     suite = suites.get_suite(suite_name)
     suites.check_scale(scale)
     if seeds < 1:
@@ -322,7 +355,7 @@ def run_suite(suite_name: str, scale: str, seeds: int, workdir: str, only=(), ov
     runs = plan(suite, seeds, only)
     print(f"suite {suite_name} ({suite.title}), scale {scale}: {len(runs)} runs in {workdir}", flush=True)
     for row, seed, budget in runs:
-        out = train_run(row, scale, seed, overrides, workdir, budget, suite.set)
+        out = train_run(row, scale, seed, overrides, workdir, budget, suite.set, tasks)
         if out and out.get("interrupted"):
             return out["interrupted"]
         if out and commit_results:
@@ -350,12 +383,21 @@ def main(argv=None):
     p.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
                    help="write report/ (tables and figures) when the runs are done")
     p.add_argument("--commit", action="store_true", help="git-commit each run's results file when it is written")
+    p.add_argument("--tasks", default="", help="comma-separated NAME:PATH.jsonl downstream tasks to score every "
+                                               "run on (moejax.downstream); the report shows their accuracy")
     args = p.parse_args(argv)
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     split = lambda text: [x for x in text.split(",") if x]
     try:
+        tasks = None
+        if args.tasks:
+            from moejax import downstream
+
+            tasks = downstream.parse_tasks(split(args.tasks))
+            for path in tasks.values():  # a bad task file fails now, not after hours of training
+                downstream.read_task(path)
         stopped = run_suite(args.suite, args.scale, args.seeds, args.workdir, split(args.only),
-                            parse_set(split(args.set)), args.report, args.commit)
+                            parse_set(split(args.set)), args.report, args.commit, tasks)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"experiments.deepseekmoe.run: error: {e}")
     if stopped:

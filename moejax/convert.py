@@ -58,8 +58,9 @@ def model_config(hf: dict) -> mc.ModelConfig:
     d, H, L = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     base = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    rope.pop("partial_rotary_factor", None) if rope.get("partial_rotary_factor", 1.0) == 1.0 else _fail(
-        "rope_parameters.partial_rotary_factor", rope["partial_rotary_factor"], "1.0")
+    partial = rope.pop("partial_rotary_factor", 1.0)
+    if partial != 1.0:
+        _fail("rope_parameters.partial_rotary_factor", partial, "1.0 (every channel of a head rotates)")
     if rope.get("rope_type", rope.get("type", "default")) == "default":
         rope = {}
     kw = dict(vocab_size=hf["vocab_size"], d_model=d, n_layers=L, n_heads=H, max_len=hf.get("max_position_embeddings", 2048),

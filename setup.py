@@ -29,6 +29,8 @@ setuptools.setup(
         "tqdm>=4.66",
         # moejax.convert: Hugging Face checkpoints read and written as numpy (no torch)
         "safetensors>=0.4",
+        # Hugging Face tokenizer.json files (data.tokenizer=PATH.json; converted models)
+        "tokenizers>=0.19",
         # experiments/deepseekmoe report: figures (PNG, PDF)
         "matplotlib>=3.8",
     ],

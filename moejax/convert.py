@@ -14,7 +14,7 @@ Weight layouts: Hugging Face's nn.Linear weights are [out, in]; moejax's are [in
 projections (`_deinterleave`), which leaves every q . k unchanged, and export permutes them back.
 
 Command line:
-    python -m moejax.convert import HF_DIR WORKDIR [--tokenizer=byte|SPM.model]
+    python -m moejax.convert import HF_DIR WORKDIR [--tokenizer=byte|SPM.model|tokenizer.json]
     python -m moejax.convert export WORKDIR HF_DIR [--step=N]
 """
 from __future__ import annotations
@@ -442,8 +442,8 @@ def hf_tensors(state: dict, c: mc.ModelConfig, family: str):
 
 def import_checkpoint(hf_dir: str, workdir: str, *, tokenizer: str = "", mesh=None) -> mc.ModelConfig:
     """Write the Hugging Face checkpoint in hf_dir as a moejax workdir (config.json + checkpoints/0) that
-    `load_checkpoint` reads. tokenizer: the data.tokenizer of the workdir ('byte' or a SentencePiece .model;
-    default: hf_dir/tokenizer.model). Returns the ModelConfig."""
+    `load_checkpoint` reads. tokenizer: the data.tokenizer of the workdir ('byte', a SentencePiece .model or a
+    tokenizer.json; default: hf_dir's tokenizer.json, else its tokenizer.model). Returns the ModelConfig."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing; allowed: a Hugging Face checkpoint directory (config.json and "
@@ -451,11 +451,13 @@ def import_checkpoint(hf_dir: str, workdir: str, *, tokenizer: str = "", mesh=No
     with open(path) as f:
         hf = json.load(f)
     c = model_config(hf)
-    tokenizer = tokenizer or (os.path.join(hf_dir, "tokenizer.model")
-                              if os.path.isfile(os.path.join(hf_dir, "tokenizer.model")) else "")
     if not tokenizer:
-        raise ConversionError(f"{hf_dir} has no SentencePiece tokenizer.model; pass tokenizer= ('byte' or a "
-                              f"SentencePiece .model); Hugging Face tokenizer.json files are not read yet")
+        found = [os.path.join(hf_dir, n) for n in ("tokenizer.json", "tokenizer.model")
+                 if os.path.isfile(os.path.join(hf_dir, n))]
+        if not found:
+            raise ConversionError(f"{hf_dir} has no tokenizer.json or tokenizer.model; pass tokenizer= ('byte', a "
+                                  f"SentencePiece .model or a Hugging Face tokenizer.json)")
+        tokenizer = os.path.abspath(found[0])
     experiment, trainer = model_workdir_config(c, tokenizer, mesh)
     state = load_state(hf_dir, c, hf["model_type"], trainer.state_sharding)
     save_model(workdir, experiment, trainer, state, {"converted_from": os.path.abspath(hf_dir),
@@ -540,7 +542,8 @@ def main(argv=None):
     imp = sub.add_parser("import", help="Hugging Face checkpoint directory -> moejax workdir")
     imp.add_argument("hf_dir")
     imp.add_argument("workdir")
-    imp.add_argument("--tokenizer", default="", help="'byte' or a SentencePiece .model (default: HF_DIR/tokenizer.model)")
+    imp.add_argument("--tokenizer", default="", help="'byte', a SentencePiece .model or a tokenizer.json (default: "
+                                                     "HF_DIR/tokenizer.json, else HF_DIR/tokenizer.model)")
     exp = sub.add_parser("export", help="moejax workdir -> Hugging Face checkpoint directory")
     exp.add_argument("workdir")
     exp.add_argument("hf_dir")

@@ -61,7 +61,7 @@ import tensorflow_datasets as tfds
 from moejax import datasets
 from moejax.datasets import pypi_corpus  # not in datasets/__init__: `python -m` runs it
 from moejax.model_config import require_for
-from moejax.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer
+from moejax.tokenizer import ByteTokenizer, HFTokenizer, SentencePieceTokenizer, Tokenizer
 
 SOURCES = ("stdlib", "text_dir", "tfds", "pypi")
 SHUFFLE_WINDOW = 1024  # rows
@@ -82,7 +82,8 @@ class DataConfig:
 
     source: one of SOURCES (see the module docstring); text_dir for 'text_dir'; tfds_name (e.g. 'lm1b',
     'c4/en:3.1.0') and text_key for 'tfds'; tfds_data_dir: where tfds datasets live and where 'stdlib' /
-    'text_dir' builds are cached ('' = tfds default). tokenizer: 'byte' or a SentencePiece .model path.
+    'text_dir' builds are cached ('' = tfds default). tokenizer: 'byte', a SentencePiece .model path or a
+    Hugging Face tokenizer.json path.
     batch_size: global sequences per step, split evenly over processes. eval_steps: validation batches of
     each periodic evaluation; final_eval_steps: of the final one (0 = eval_steps; a large number = the
     whole split).
@@ -149,9 +150,14 @@ def get_tokenizer(cfg: DataConfig) -> Tokenizer:
         return ByteTokenizer()
     path = PACKAGED_TOKENIZERS.get(cfg.tokenizer) or os.path.expanduser(cfg.tokenizer)
     if not os.path.isfile(path):
-        _fail("tokenizer", cfg.tokenizer, f"'byte', one of {tuple(PACKAGED_TOKENIZERS)} or an existing "
-              "SentencePiece .model file (not found; "
-              "train one with `python -m moejax.train_tokenizer --output=FILE.model`)", FileNotFoundError)
+        _fail("tokenizer", cfg.tokenizer, f"'byte', one of {tuple(PACKAGED_TOKENIZERS)}, an existing "
+              "SentencePiece .model file (train one with `python -m moejax.train_tokenizer --output=FILE.model`) "
+              "or a Hugging Face tokenizer.json (not found)", FileNotFoundError)
+    if path.endswith(".json"):
+        try:
+            return HFTokenizer(path)
+        except Exception as e:  # the tokenizers package raises its own exception type for a bad file
+            _fail("tokenizer", cfg.tokenizer, f"a Hugging Face tokenizer.json with an EOS token ({e})")
     try:
         return SentencePieceTokenizer(path)
     except (RuntimeError, ValueError) as e:

@@ -1,5 +1,5 @@
-"""Tokenizers: UTF-8 bytes (the default) and SentencePiece (`train_sentencepiece`; its command line is
-`python -m moejax.train_tokenizer`).
+"""Tokenizers: UTF-8 bytes (the default), SentencePiece (`train_sentencepiece`; its command line is
+`python -m moejax.train_tokenizer`) and Hugging Face tokenizer.json files (published models).
 
 Every tokenizer has `vocab_size` (padded to a multiple of 128), `eos_id`, `encode(text) -> int32 [n]`,
 `decode(ids) -> str` and `token_bytes`: float32 [vocab_size], the number of UTF-8 bytes of text each id
@@ -12,6 +12,7 @@ cut (`cuts_at_spaces`; a document without such spaces is encoded whole).
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 from typing import Iterable, Iterator, Protocol
@@ -120,7 +121,102 @@ class SentencePieceTokenizer:
         return self._sp.decode([int(i) for i in np.asarray(ids).reshape(-1) if i < self.n_pieces])
 
 
+class HFTokenizer:
+    """A Hugging Face tokenizer.json (the `tokenizers` package), as published models ship it. EOS: the
+    `eos_token` of tokenizer_config.json beside the file, else the first added special token named like an
+    end of text. Ids >= the tokenizer's size (the model's vocabulary padding) decode to nothing.
+
+    token_bytes: a byte-level BPE token (GPT-2's byte-to-unicode alphabet: Llama 3, Qwen, OLMoE, DeepSeek)
+    counts its bytes; a SentencePiece-style one ('▁' for a space, '<0xNN>' byte fallback: Mixtral) its surface
+    text; special tokens 0. encode_chunks cuts just before a space that follows a non-whitespace character,
+    only for byte-level tokenizers without a normaliser or prefix space (the pre-tokeniser splits there: such a
+    space starts a pre-token), else it encodes each document whole.
+    """
+
+    def __init__(self, path: str):
+        config = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+        eos = None
+        if os.path.isfile(config):
+            with open(config) as f:
+                eos = json.load(f).get("eos_token")
+            eos = eos.get("content") if isinstance(eos, dict) else eos
+        with open(path) as f:
+            self._load(f.read(), eos)
+
+    def _load(self, text: str, eos: str | None):
+        from tokenizers import Tokenizer as _Tokenizer
+
+        self._json, self._eos = text, eos
+        self._tok = _Tokenizer.from_str(text)
+        spec = json.loads(text)
+        self.n_tokens = self._tok.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = padded(self.n_tokens)
+        special = {t["id"]: t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
+        if eos is None:
+            eos = next((c for c in special.values() if re.search(r"end.?of.?(text|sentence)|^</s>$|^<\|endoftext", c,
+                                                                 re.I)), None)
+        self.eos_id = self._tok.token_to_id(eos) if eos is not None else None
+        if self.eos_id is None:
+            raise ValueError(f"tokenizer has no EOS token ({eos!r}); allowed: a tokenizer.json with "
+                             f"tokenizer_config.json naming eos_token beside it")
+        byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) or "ByteLevel" in json.dumps(
+            spec.get("decoder"))
+        prefix = '"add_prefix_space": true' in json.dumps(spec.get("pre_tokenizer"))  # a space before each text
+        self.cuts_at_spaces = byte_level and not prefix and not spec.get("normalizer")
+        inverse = {c: b for b, c in _bytes_to_unicode().items()}
+        self.token_bytes = np.zeros(self.vocab_size, np.float32)
+        for i in range(self.n_tokens):
+            piece = self._tok.id_to_token(i)
+            if i in special or piece is None:
+                continue
+            if byte_level and all(c in inverse for c in piece):
+                self.token_bytes[i] = len(piece)
+            elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
+                self.token_bytes[i] = 1.0
+            else:
+                self.token_bytes[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+
+    def __getstate__(self):  # picklable for grain worker processes
+        return {"json": self._json, "eos": self._eos}
+
+    def __setstate__(self, state):
+        self._load(state["json"], state["eos"])
+
+    def encode(self, text: str | bytes) -> np.ndarray:
+        return np.asarray(self._tok.encode(_text(text), add_special_tokens=False).ids, np.int32)  # [n]
+
+    def encode_chunks(self, text: str | bytes, chunk_bytes: int) -> Iterator[np.ndarray]:
+        text = _text(text)
+        if not self.cuts_at_spaces:
+            yield self.encode(text)
+            return
+        start = 0
+        while start < len(text):  # about chunk_bytes characters a chunk
+            cut = _SPACE_AFTER_TEXT.search(text, start + chunk_bytes)
+            end = cut.start() if cut else len(text)
+            yield self.encode(text[start:end])
+            start = end
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in np.asarray(ids).reshape(-1) if i < self.n_tokens],
+                                skip_special_tokens=False)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level BPE alphabet: byte -> a printable character (Radford et al. 2019, encoder.py)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    out, extra = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
 _SPACE_AFTER_NON_SPACE = re.compile(rb"(?<! ) ")
+# A space after a non-whitespace character: GPT-2-style pre-tokenisers (Llama 3, Qwen, OLMoE, DeepSeek) never
+# put the two in one pre-token (a space after a newline can be: "\n   " is one whitespace run).
+_SPACE_AFTER_TEXT = re.compile(r"(?<=\S) ")
 
 
 def _cuts_at_spaces(proto: bytes) -> bool:

@@ -52,8 +52,7 @@ WORKDIR = os.environ.get("MOEJAX_NOTEBOOK_WORKDIR", "/tmp/moejax_published")
 # A Hugging Face checkpoint directory, e.g. on Colab (a small real model needs ~2x its size in RAM as float32):
 #   from huggingface_hub import snapshot_download; HF_DIR = snapshot_download("allenai/OLMoE-1B-7B-0924")
 HF_DIR = ""
-# The tokenizer of the workdir: the checkpoint's SentencePiece tokenizer.model if it has one (Mixtral), else
-# 'byte' (moejax does not read Hugging Face tokenizer.json files yet; byte ids then mean nothing to a real model)
+# The tokenizer of the workdir: "" = the checkpoint's own tokenizer.json (or SentencePiece tokenizer.model)
 TOKENIZER = ""
 
 # %% [markdown]

@@ -172,7 +172,12 @@ def test_checkpoints_that_do_not_fit_name_the_tensor_or_field(tmp_path):
     convert.import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "mj"), tokenizer="byte")
     with pytest.raises(FileExistsError, match="already holds checkpoints"):
         convert.import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "mj"), tokenizer="byte")
-    with pytest.raises(convert.ConversionError, match="tokenizer.model"):
+    with pytest.raises(convert.ConversionError, match="no tokenizer.json or tokenizer.model"):
+        convert.import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "mj2"))
+    from tests.test_data import _hf_tokenizer  # a 600-token tokenizer.json: found, and too large for V = 384
+
+    shutil.copy(_hf_tokenizer(tmp_path, "byte_level"), tmp_path / "hf" / "tokenizer.json")
+    with pytest.raises(convert.ConversionError, match="has 640 ids, more than the model's vocab_size=384"):
         convert.import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "mj2"))
 
 

@@ -129,6 +129,56 @@ def test_encode_chunks_concatenate_to_encode(spm, tmp_path):
     assert len(list(prefixed.encode_chunks(SPM_TEXTS[0], 4))) == 1
 
 
+def _hf_tokenizer(tmp_path, kind: str) -> str:
+    """A small BPE tokenizer.json trained here with the `tokenizers` package: 'byte_level' (GPT-2's
+    alphabet, as Llama 3 / Qwen / OLMoE / DeepSeek ship) or 'metaspace' (SentencePiece-style, as Mixtral);
+    tokenizer_config.json names its EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(byte_fallback=kind == "metaspace", unk_token=None))
+    if kind == "byte_level":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        alphabet = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=alphabet)
+    text = open(data.__file__).read()
+    tok.train_from_iterator([text[i:i + 2000] for i in range(0, len(text), 2000)] + SPM_TEXTS, trainer)
+    d = tmp_path / kind
+    d.mkdir()
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return str(d / "tokenizer.json")
+
+
+def test_hugging_face_tokenizer_json(tmp_path):
+    """A byte-level tokenizer.json: lossless, token_bytes sum to the text's bytes, EOS from tokenizer_config,
+    picklable, and its chunked encoding (cut before a space after a non-space) equals the whole; a
+    SentencePiece-style one encodes each document whole."""
+    texts = [*SPM_TEXTS, open(tokenizer.__file__).read()[:3000], "x" * 50 + " y  z\n\t é日🙂 end"]
+    byte_level = data.get_tokenizer(DataConfig(tokenizer=_hf_tokenizer(tmp_path, "byte_level")))
+    assert byte_level.eos_id == 0 and byte_level.vocab_size % 128 == 0 and byte_level.cuts_at_spaces
+    again = pickle.loads(pickle.dumps(byte_level))
+    for text in texts:
+        ids = byte_level.encode(text)
+        assert byte_level.decode(ids) == text and np.array_equal(again.encode(text), ids)
+        assert byte_level.token_bytes[ids].sum() == len(text.encode())
+        for chunk_bytes in (1, 7, 64):
+            chunks = list(byte_level.encode_chunks(text, chunk_bytes))
+            assert np.array_equal(np.concatenate(chunks), ids), (text[:40], chunk_bytes)
+    assert len(list(byte_level.encode_chunks(texts[-2], 64))) > 10  # it did cut
+    metaspace = data.get_tokenizer(DataConfig(tokenizer=_hf_tokenizer(tmp_path, "metaspace")))
+    assert not metaspace.cuts_at_spaces and len(list(metaspace.encode_chunks(texts[-2], 64))) == 1
+    ids = metaspace.encode("def f(x): return x")
+    assert metaspace.decode(ids) == "def f(x): return x" and metaspace.token_bytes[ids].sum() >= 18
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        data.get_tokenizer(DataConfig(tokenizer=str(tmp_path / "bad.json")))
+
+
 # ------------------------------------------------------------------ packing
 
 

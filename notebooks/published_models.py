@@ -64,7 +64,8 @@ TOKENIZER = ""
 if not HF_DIR:
     d = 64
     demo = model_config.ModelConfig(
-        vocab_size=384, d_model=d, n_layers=3, n_heads=4, first_k_dense=1, dense_d_ff=192, tie_embeddings=False,
+        vocab_size=384, d_model=d, n_layers=2 if SMOKE else 3, n_heads=4, first_k_dense=1, dense_d_ff=192,
+        tie_embeddings=False,
         attention="mla", kv_lora_rank=32, q_lora_rank=48, head_dim=16, rope_head_dim=8, v_head_dim=16,
         moe=model_config.deepseek_v3(d, 48, n_experts=16, top_k=4, n_shared=1, n_groups=4, topk_groups=2))
     params, rest = nnx.split(model.Transformer(demo, rngs=nnx.Rngs(0)), nnx.Param, ...)[1:]
@@ -136,7 +137,7 @@ plt.show()
 # (here three PIQA-style questions shipped with the tests; a random model is at chance).
 
 # %%
-out, _ = generate.generate(m, [list(ck.tokenizer.encode("The experts"))], 8 if SMOKE else 32,
+out, _ = generate.generate(m, [list(ck.tokenizer.encode("The experts"))], 4 if SMOKE else 32,
                            eos_id=ck.tokenizer.eos_id)
 print(repr(ck.tokenizer.decode(np.asarray(out[0]))))
 task = os.path.join(ROOT, "tests", "data", "tasks", "piqa.jsonl")

@@ -25,7 +25,7 @@ CONFIGS = {
 
 
 def model(name: str, seed: int = 0) -> M.Transformer:
-    c = G.inference_config(M.ModelConfig(V, D, 3, 4, **CONFIGS[name]))
+    c = G.inference_config(M.ModelConfig(V, D, 2, 4, **CONFIGS[name]))
     return M.Transformer(c, rngs=nnx.Rngs(seed))
 
 
@@ -33,7 +33,8 @@ def model(name: str, seed: int = 0) -> M.Transformer:
 def test_cached_decoding_equals_the_full_forward_pass(name):
     """Greedy continuation of a batch of prompts of lengths 5 and 2 (the shorter one left-padded): the logits
     each token was chosen from equal the full forward pass over prompt + tokens so far, at every step, and
-    each token is their argmax. The padded row equals the same prompt decoded alone."""
+    each token is their argmax. The padded row equals the same prompt decoded alone (checked for one model).
+    Two layers: the first dense (DeepSeekMoE) or MoE, the second MoE."""
     m = model(name)
     prompts = [[3, 14, 15, 9, 26], [5, 35]]
     new, step_logits = G.generate(m, prompts, 6)
@@ -44,9 +45,10 @@ def test_cached_decoding_equals_the_full_forward_pass(name):
         seq = jnp.asarray([p + list(np.asarray(new[b]))])
         ref = full(seq)[0, len(p) - 1:-1]  # the prediction after each prefix
         np.testing.assert_allclose(step_logits[b], ref, atol=2e-5, rtol=1e-5)
-    alone, alone_logits = G.generate(m, prompts[1:], 6)
-    np.testing.assert_array_equal(alone[0], new[1])
-    np.testing.assert_allclose(alone_logits[0], step_logits[1], atol=2e-5, rtol=1e-5)
+    if name == "mla_deepseek_v3_yarn":  # one model suffices: padding is masked the same way for all
+        alone, alone_logits = G.generate(m, prompts[1:], 6)
+        np.testing.assert_array_equal(alone[0], new[1])
+        np.testing.assert_allclose(alone_logits[0], step_logits[1], atol=2e-5, rtol=1e-5)
 
 
 def test_sampling_follows_temperature_and_nucleus():

@@ -89,18 +89,21 @@ if not os.path.isdir(os.path.join(MJ, "checkpoints")):
 ck = load_checkpoint(MJ)
 c = ck.trainer.model_config
 m = generate.for_inference(ck)
+graphdef, state = nnx.split(m)
+routes_of = jax.jit(lambda state, tokens: nnx.merge(graphdef, state).routes(tokens))  # one compiled program
 print(f"{c.n_layers} layers, d_model {c.d_model}, attention {c.attention}, {c.moe.n_experts} routed experts "
       f"(top {c.moe.top_k}, {c.moe.score_fn}), {c.moe.n_shared} shared; routed layers {c.routed_layers}")
 
 # %% [markdown]
 # ## Routing of a text
 #
-# `model.routes(tokens)` returns each routed layer's decision: expert ids and gate weights [tokens, K].
+# `model.routes(tokens)` returns each routed layer's decision: expert ids and gate weights [tokens, K]
+# (jitted here through nnx.split / nnx.merge, so the layers compile once instead of running op by op).
 
 # %%
 TEXT = "The mixture of experts routes every token to a few of its experts."
 tokens = np.asarray(ck.tokenizer.encode(TEXT))
-routes = m.routes(jnp.asarray(tokens)[None])
+routes = routes_of(state, jnp.asarray(tokens)[None])
 E = c.moe.n_experts
 fig, axes = plt.subplots(1, len(routes), figsize=(5 * len(routes), 0.14 * len(tokens) + 1.5), squeeze=False)
 for ax, layer, r in zip(axes[0], c.routed_layers, routes):
@@ -122,7 +125,7 @@ plt.show()
 LOAD_TEXT = (TEXT + " ") * (2 if SMOKE else 20)
 load_tokens = jnp.asarray(ck.tokenizer.encode(LOAD_TEXT))[None]
 fig, ax = plt.subplots(figsize=(8, 3))
-for layer, r in zip(c.routed_layers, m.routes(load_tokens)):
+for layer, r in zip(c.routed_layers, routes_of(state, load_tokens)):
     counts = np.bincount(np.asarray(r.expert_ids).ravel(), minlength=E)
     ax.plot(counts / counts.sum(), marker="o", label=f"layer {layer}")
 ax.axhline(1 / E, color="k", ls="--", label="1/E")

@@ -92,7 +92,7 @@ def test_upcycling_refuses_what_it_cannot_build():
 
 def test_a_run_starts_from_an_upcycled_dense_run(corpus, tmp_path):  # noqa: F811
     """train.init_from + upcycle='sparse' at lr 1e-9: after one step the MoE run's final validation loss is
-    the dense run's (same validation batches), and later it trains on from there."""
+    the dense run's (same validation batches); a missing init_from is named."""
     dense_cfg = tiny(corpus, tmp_path, method="dense", steps=3, checkpoint_every=3)
     dense = train.train_and_evaluate(dense_cfg, str(tmp_path / "dense"), progress=False)
     moe_cfg = tiny(corpus, tmp_path, method="dense", steps=1, warmup_steps=0, lr=1e-9,

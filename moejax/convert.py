@@ -133,8 +133,23 @@ def family_of(c: mc.ModelConfig) -> str:
         raise ConversionError(f"MoEConfig router={m.router!r}, dispatch={m.dispatch!r}, activation={m.activation!r},"
                               f" n_experts={m.n_experts} has no Hugging Face family; allowed: router='topk', "
                               f"dispatch='dropless', activation='swiglu', n_experts >= 1")
+    if m.disable_top:
+        raise ConversionError(f"MoEConfig.disable_top={m.disable_top} is an evaluation ablation; allowed: 0")
     if c.attention == "mla":
-        return "deepseek_v3" if m.score_fn == "sigmoid" else "deepseek_v2"
+        family = "deepseek_v3" if m.score_fn == "sigmoid" else "deepseek_v2"
+        group = "top2_sum" if family == "deepseek_v3" else "max"
+        if m.n_groups > 1 and m.group_score != group:
+            raise ConversionError(f"MoEConfig.group_score={m.group_score!r} has no Hugging Face family; allowed: "
+                                  f"{group!r} ({family})")
+        if m.aux_free_bias and family == "deepseek_v2":
+            raise ConversionError("MoEConfig.aux_free_bias=True with softmax scores has no Hugging Face family; "
+                                  "allowed: score_fn='sigmoid' (DeepSeek-V3)")
+        return family
+    plain = dict(score_fn="softmax", routed_scale=1.0, n_groups=1, aux_free_bias=False)
+    for name, value in plain.items():  # Mixtral, OLMoE and Qwen route by plain softmax top-k
+        if getattr(m, name) != value:
+            raise ConversionError(f"MoEConfig.{name}={getattr(m, name)!r} without multi-head latent attention has "
+                                  f"no Hugging Face family; allowed: {value!r} (Mixtral, OLMoE, Qwen routers)")
     if m.shared_gate:
         return "qwen2_moe"
     if c.qk_norm == "full":

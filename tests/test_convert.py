@@ -190,6 +190,14 @@ def test_export_refuses_a_model_no_family_computes():
     gshard = mc.ModelConfig(V, 32, 2, 4, mc.gshard(32, 64, n_experts=4))
     with pytest.raises(convert.ConversionError, match="router='gshard'"):
         convert.family_of(gshard)
+    scaled = mc.ModelConfig(V, 32, 2, 4, mc.mixtral(32, 64, n_experts=4, routed_scale=2.0))
+    with pytest.raises(convert.ConversionError, match="routed_scale=2.0"):  # Mixtral has no gate scale
+        convert.family_of(scaled)
+    mla = dict(attention="mla", kv_lora_rank=8, rope_head_dim=4)
+    v3_max = mc.ModelConfig(V, 32, 2, 4, mc.deepseek_v3(32, 64, n_experts=8, top_k=2, n_groups=4, topk_groups=2,
+                                                       group_score="max"), **mla)
+    with pytest.raises(convert.ConversionError, match="group_score='max'.*'top2_sum'"):
+        convert.family_of(v3_max)
 
 
 def test_a_moejax_model_exports_to_what_transformers_computes(tmp_path):

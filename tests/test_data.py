@@ -329,9 +329,13 @@ def test_resume_inside_a_long_document(tmp_path, monkeypatch):
 
 
 MEMORY_CHILD = """
-import resource, sys, threading, time
+import sys, threading, time
+def peak_mib():  # VmHWM: this process's own peak; ru_maxrss would include the parent's at the fork (Linux
+    # carries it across exec), e.g. a test worker that imported torch
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) // 1024 for l in f if l.startswith("VmHWM:"))
 def watchdog():  # a regression must not take the shared machine's memory: stop at twice the bound
-    while resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 2 * 2**20:
+    while peak_mib() < 2 * 2**10:
         time.sleep(0.01)
     print("over 2 GiB", flush=True)
     import os; os._exit(3)
@@ -342,7 +346,7 @@ cfg = data.DataConfig(source="text_dir", text_dir=sys.argv[1], tfds_data_dir=sys
 it = data.train_iterator(cfg, data.get_tokenizer(cfg), process_index=0, process_count=1)
 for _ in range(int(sys.argv[3])):
     next(it)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+print(peak_mib())
 """
 
 

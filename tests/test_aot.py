@@ -82,9 +82,10 @@ def report_in_subprocess(tmp_path, topology: str, mesh: dict | None, name: str, 
     """(config(name, arg, **overrides), aot.compile_report of it for `topology` and `mesh`), compiled in a
     fresh Python process (module docstring: memory); the report comes back as JSON, as `--json` writes it."""
     out = tmp_path / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}  # nothing to share: no copy
     p = subprocess.run([sys.executable, "-c", _COMPILE_REPORT,
                         json.dumps([name, arg, overrides, topology, mesh, str(out)])],
-                       cwd=ROOT, capture_output=True, text=True, timeout=1800)
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert p.returncode == 0, p.stderr[-5000:]
     return config(name, arg, **overrides), json.loads(out.read_text())
 

@@ -74,19 +74,23 @@ def test_scanned_layers_equal_the_unrolled_model(remat):
     for l in range(1, 4):
         nnx.update(unrolled.blocks[l], nnx.state(scanned.block(l)))
     t, key = tokens(), jax.random.key(3)
-    (a, sa), (b, sb) = scanned(t, key=key, train=True), unrolled(t, key=key, train=True)
+    # jitted: one compiled program per model, not op-by-op dispatch
+    forward = nnx.jit(lambda model: model(t, key=key, train=True))
+    (a, sa), (b, sb) = forward(scanned), forward(unrolled)
     np.testing.assert_allclose(a, b, **F32)
     assert len(sa) == len(sb) == 3
     for x, y in zip(sa, sb):
         jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, **F32), x, y)
-    for x, y in zip(scanned.routes(t), unrolled.routes(t)):
+    routes = nnx.jit(lambda model: model.routes(t))
+    for x, y in zip(routes(scanned), routes(unrolled)):
         np.testing.assert_array_equal(x.expert_ids, y.expert_ids)
 
     def loss(model):
         logits, stats = model(t, key=key, train=True)
         return jnp.mean(logits ** 2) + sum(s.loss for s in stats)
 
-    gs, gu = nnx.grad(loss)(scanned), nnx.grad(loss)(unrolled)
+    grad = nnx.jit(nnx.grad(loss))
+    gs, gu = grad(scanned), grad(unrolled)
     np.testing.assert_allclose(gs["blocks"][0]["attn"]["wkv"][...], gu["blocks"][0]["attn"]["wkv"][...], **F32)
     for l in range(3):
         for path in (("attn", "wo"), ("ffn", "router")):

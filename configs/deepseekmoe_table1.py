@@ -105,7 +105,8 @@ SCANNED = ("paper",)
 
 # The stdlib scales hold out 4% of the files (32 files, 1.02M bytes) and report the final validation loss
 # on the first 524,288 tokens of them (256 batches of 16 x 128 tiny; 32 of 32 x 512 small); the periodic
-# evaluations during training use the first eval_steps batches.
+# evaluations during training use eval_steps batches of rows spread evenly over those (moejax.data; runs
+# before 2026-12-01 used the first eval_steps batches, which read 1-1.5 nats above the final number).
 VALIDATION = {"tiny": dict(val_fraction=0.04, final_eval_steps=256), "small": dict(val_fraction=0.04)}
 
 

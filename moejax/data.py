@@ -37,11 +37,13 @@ Training order: host i takes every process_count-th document from i; its documen
 epoch (grain index shuffle, seed shuffle_seed + epoch), packed, and the rows shuffled again within
 windows of SHUFFLE_WINDOW rows; it repeats forever. Same config, seed and process_count -> the same
 batches on any machine. `it.get_state()` is a small JSON-serialisable dict; `it.set_state(state)` resumes
-exactly. Evaluation takes the first eval_steps * batch_size rows of the unshuffled eval split (fewer if
-the split is smaller; the last batch padded with weights 0), the same for any process_count; each host
-gets its slice of every batch. The final evaluation of a run (the reported validation loss) takes the first
-final_eval_steps batches instead (0: eval_steps), so the periodic ones can stay cheap while the reported
-number rests on a large sample.
+exactly. The final evaluation of a run (the reported validation loss) takes the first final_eval_steps
+(0: eval_steps) batches' rows of the unshuffled eval split (fewer if the split is smaller; the last batch
+padded with weights 0), the same for any process_count; each host gets its slice of every batch. The
+periodic evaluations take eval_steps batches of rows spread evenly over those final rows (rows
+i * n_final // n for i < n; the first eval_steps batches if final_eval_steps is not larger), so they stay
+cheap yet sample the same text as the reported number: the first rows alone come from the first few files
+of the split and can sit far from the split's mean.
 """
 from __future__ import annotations
 
@@ -434,12 +436,16 @@ def train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int 
 
 def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, *, final: bool = False, process_index: int | None = None,
                  process_count: int | None = None) -> list[dict[str, np.ndarray]]:
-    """This host's slice of the first eval_steps (final: final_eval_steps) global batches of the unshuffled
-    eval split."""
+    """This host's slice of the final evaluation's global batches (the first final_eval_steps, 0: eval_steps,
+    batches of the unshuffled eval split), or of the periodic evaluation's eval_steps batches: rows spread
+    evenly over the final ones when those are more, else the first eval_steps batches."""
     index, count = _process(cfg, process_index, process_count)
-    steps = (cfg.final_eval_steps or cfg.eval_steps) if final else cfg.eval_steps
+    final_steps = cfg.final_eval_steps or cfg.eval_steps
     rows = packed_rows(cfg, tokenizer, split_field="eval_split", shuffle=False, num_epochs=1)
-    rows = list(itertools.islice(rows, steps * cfg.batch_size))
+    rows = list(itertools.islice(rows, (final_steps if final else max(final_steps, cfg.eval_steps)) * cfg.batch_size))
+    n = cfg.eval_steps * cfg.batch_size
+    if not final and n < len(rows):
+        rows = [rows[i * len(rows) // n] for i in range(n)]  # evenly spaced, the first row included
     n_batches = -(-len(rows) // cfg.batch_size)
     stacked = {k: np.stack([r[k] for r in rows]) for k in FEATURES}  # [N, S]
     per_host = cfg.batch_size // count

@@ -427,10 +427,19 @@ def test_eval_batches_fixed_and_independent_of_process_count(corpus):
     assert np.array_equal(weighted_targets([{k: b[k][i] for k in b} for b in allv for i in range(4)]), want)
     n_rows = -(-len(want) // 16)  # inputs and targets both have one token per target
     assert len(allv) == -(-n_rows // 4) < 1000
-    # The final evaluation: the first final_eval_steps batches (0: eval_steps), the periodic ones unchanged.
+    # The final evaluation: the first final_eval_steps batches (0: eval_steps); the periodic one's rows are
+    # spread evenly over the final rows (rows 0, 2, 4, 6 of 8 here), not the first batch.
     final = DataConfig(**{**corpus.__dict__, "eval_steps": 1, "final_eval_steps": 2})
-    assert same(data.eval_batches(final, tok, final=True), ev[:2]) and same(data.eval_batches(final, tok), ev[:1])
+    assert same(data.eval_batches(final, tok, final=True), ev[:2])
+    rows = [{k: b[k][i] for k in data.FEATURES} for b in ev[:2] for i in range(4)]  # 8 rows of 4-row batches
+    spread = [{k: np.stack([r[k] for r in rows[::2]]) for k in data.FEATURES}]
+    assert same(data.eval_batches(final, tok), spread) and not same(spread, ev[:1])
+    halves = [data.eval_batches(final, tok, process_index=i, process_count=2) for i in (0, 1)]
+    assert same([{k: np.concatenate([halves[0][0][k], halves[1][0][k]]) for k in data.FEATURES}], spread)
     assert same(data.eval_batches(corpus, tok, final=True), ev)  # final_eval_steps 0
+    # final_eval_steps below eval_steps: the periodic evaluation keeps its first eval_steps batches
+    fewer = DataConfig(**{**corpus.__dict__, "final_eval_steps": 1})
+    assert same(data.eval_batches(fewer, tok), ev) and same(data.eval_batches(fewer, tok, final=True), ev[:1])
 
 
 # ------------------------------------------------------------------ splits

@@ -244,6 +244,16 @@ def test_token_sweep_report_says_where_a_claim_starts_to_hold(tmp_path):
     assert report.plot_token_sweep(suite, results, str(tmp_path))[0].endswith("token_sweep.png")
 
 
+def test_loss_curves_keep_the_final_evaluation_apart_when_it_read_a_larger_sample():
+    """The final evaluation's loss (data.final_eval_steps batches) is not a point of the periodic curve."""
+    r = {"curves": {"val_step": [10, 20, 30], "val_loss": [3.0, 2.9, 1.7]}, "config": {
+        "train": {"steps": 30}, "data": {"eval_steps": 1, "final_eval_steps": 4}}}
+    assert report._periodic(r) == ([10, 20], [3.0, 2.9])
+    same = {**r, "config": {**r["config"], "data": {"eval_steps": 1, "final_eval_steps": 0}}}
+    assert report._periodic(same) == ([10, 20, 30], [3.0, 2.9, 1.7])
+    np.testing.assert_allclose(report._smooth([1, 2, 3, 4, 5], 2), [1, 1.5, 2.5, 3.5, 4.5])
+
+
 def test_results_md_is_generated_from_the_committed_results():
     """Every generated block of RESULTS.md equals what report.py makes from the committed results files, no
     template leftovers remain, and every committed results directory has its block."""

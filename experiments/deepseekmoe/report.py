@@ -420,8 +420,8 @@ def _by_variant(results):
 
 def _save(fig, out: str, name: str) -> list[str]:
     paths = [os.path.join(out, f"{name}.{ext}") for ext in ("png", "pdf")]
-    for p in paths:
-        fig.savefig(p, bbox_inches="tight", dpi=150)
+    for p in paths:  # no creation date in the PDFs: regenerating an unchanged figure leaves the file unchanged
+        fig.savefig(p, bbox_inches="tight", dpi=150, metadata={"CreationDate": None} if p.endswith(".pdf") else None)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -437,22 +437,60 @@ def _band(ax, xs, ys, label):
         ax.fill_between(xs[:n], y.min(0), y.max(0), color=line.get_color(), alpha=0.2)
 
 
+def _smooth(y, w: int) -> np.ndarray:
+    """Trailing mean over the last w points (fewer at the start)."""
+    c = np.cumsum(np.concatenate([[0.0], np.asarray(y, float)]))
+    i = np.arange(1, len(y) + 1)
+    return (c[i] - c[np.maximum(i - w, 0)]) / np.minimum(i, w)
+
+
+def _periodic(r: dict) -> tuple[list, list]:
+    """A run's periodic validation points: the last one is left out when the final evaluation read a different
+    sample (data.final_eval_steps), whose loss is not comparable with the periodic ones."""
+    c, d = r["curves"], r["config"]["data"]
+    xs, ys = list(c["val_step"]), list(c["val_loss"])
+    if d.get("final_eval_steps", 0) not in (0, d["eval_steps"]) and xs and xs[-1] == r["config"]["train"]["steps"]:
+        xs, ys = xs[:-1], ys[:-1]
+    return xs, ys
+
+
 def plot_loss_curves(suite, results, out):
+    """Training loss (trailing mean over 1/50 of the logged points) and validation loss against steps; lines
+    are the periodic evaluations, dots at the last step the final one when it read a larger sample."""
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     by = _by_variant(results)
-    for row in suite.rows:
+    finals, sizes = [], set()
+    for i, row in enumerate(suite.rows):
         rs = by.get(row.variant)
-        if rs:
-            _band(a, rs[0]["curves"]["step"], [r["curves"]["loss"] for r in rs], row.label)
-            _band(b, rs[0]["curves"]["val_step"], [r["curves"]["val_loss"] for r in rs], row.label)
-    a.set(xlabel="step", ylabel="training loss (incl. balance losses)", title="training")
-    b.set(xlabel="step", ylabel="validation loss (nats/token)", title="validation")
-    for ax in (a, b):
+        if not rs:
+            continue
+        w = max(1, len(rs[0]["curves"]["loss"]) // 50)
+        _band(a, rs[0]["curves"]["step"], [_smooth(r["curves"]["loss"], w) for r in rs], row.label)
+        periodic = [_periodic(r) for r in rs]
+        d = rs[0]["config"]["data"]
+        sizes.add(("periodic", d["eval_steps"] * d["batch_size"] * d["seq_len"]))
+        if periodic[0][0]:
+            _band(b, periodic[0][0], [ys for _, ys in periodic], row.label)
+        if len(periodic[0][0]) < len(rs[0]["curves"]["val_step"]):  # the final evaluation: mean, min..max
+            color = b.get_lines()[-1].get_color() if periodic[0][0] else None
+            v = np.asarray([r["val_loss"] for r in rs], float)
+            x = rs[0]["config"]["train"]["steps"] * (1 + 0.012 * (i - (len(suite.rows) - 1) / 2))  # apart
+            b.errorbar([x], [v.mean()], yerr=[[v.mean() - v.min()], [v.max() - v.mean()]], fmt="o", color=color,
+                       capsize=3, label=None if periodic[0][0] else row.label)
+            finals.append(v.mean())
+            sizes.add(("final", val_tokens(rs[0])))
+    a.set(xlabel="step", ylabel="training loss (incl. balance losses)", title="training (trailing mean)")
+    note = ", ".join(f"{k} {n:,} tokens" for k, n in sorted(sizes, reverse=True))
+    b.set(xlabel="step", ylabel="validation loss (nats/token)",
+          title="validation" + (f"\nlines: periodic, dots: final ({note})" if finals else ""))
+    for ax, skip in ((a, 1), (b, 0)):  # the first steps' training loss (~5.5) would flatten the differences
         ax.grid(alpha=0.3)
-        lo = min(ln.get_ydata().min() for ln in ax.get_lines()) if ax.get_lines() else 0
-        ax.set_ylim(lo - 0.05, lo + 1.5)  # the first steps' loss (~5.5) would flatten the differences
+        ys = [y for ln in ax.get_lines() for y in ln.get_ydata()[skip:]] + finals
+        if ys:
+            lo = min(ys)
+            ax.set_ylim(lo - 0.05, min(max(ys), lo + 2.5) + 0.05)
     b.legend(fontsize=8)
     return _save(fig, out, "loss_curves")
 

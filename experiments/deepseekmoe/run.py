@@ -184,13 +184,18 @@ def init_gate_mass(config) -> list[float]:
     run = config_lib.to_typed(config)
     tokenizer = data_lib.get_tokenizer(run.data)
     model = model_lib.Transformer(run.model_config(tokenizer.vocab_size), rngs=nnx.Rngs(params=run.seed))  # as Trainer.init
-    batch = data_lib.eval_batches(run.data, tokenizer)[0]
-    masses = []
-    for r in model.routes(batch["inputs"], batch["positions"], batch["segment_ids"]):
-        if isinstance(r, routing.Routing):
-            w = jax.numpy.where(r.mask, r.weights, 0.0).sum(-1).reshape(batch["weights"].shape)  # [B, S]
-            masses.append(float((w * batch["weights"]).sum() / batch["weights"].sum()))
-    return masses
+    batch = data_lib.eval_batches(run.data, tokenizer, final=True)[0]  # the split's first batch
+
+    @nnx.jit  # one compiled program, not the forward op by op
+    def masses(model, batch):
+        out = []
+        for r in model.routes(batch["inputs"], batch["positions"], batch["segment_ids"]):
+            if isinstance(r, routing.Routing):
+                w = jax.numpy.where(r.mask, r.weights, 0.0).sum(-1).reshape(batch["weights"].shape)  # [B, S]
+                out.append((w * batch["weights"]).sum() / batch["weights"].sum())
+        return out
+
+    return [float(m) for m in masses(model, batch)]
 
 
 def curves(run_dir: str) -> dict:

@@ -4,7 +4,8 @@ Activations: 'swiglu' (Shazeer 2020: silu(x W_gate) * (x W_up) W_down, the defau
 (gelu(x W_up) W_down). Expert weights: w_gate (swiglu only) and w_up [E, d, f], w_down [E, f, d]; dense FFN
 weights are the same without the leading E axis. Except on the Pallas backend, W_gate and W_up are multiplied
 as one [d, 2 f] matrix (one wide matmul beat two narrow ones on CPU); the Pallas kernels take them one by one
-(no concatenated copy of the weights in HBM).
+(no concatenated copy of the weights in HBM), and take float32 weights under bfloat16 rows as they are
+unless fsdp splits them (`_pallas`).
 
 Grouped-matmul backends (`BACKENDS`) compute rows [M, d] x w[expert of row] for a dispatch `Layout`:
 - 'einsum':     per-expert batched einsum over an [E, C, d] buffer; needs a per-expert layout
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
+from moejax import sharding
 from moejax.dispatch import Layout
 
 ACTIVATIONS = ("swiglu", "gelu")
@@ -59,7 +61,12 @@ def _ragged_dot(rows, w, layout):
 
 
 def _pallas(rows, w, layout):
-    return pallas_kernels.gmm(rows, w.astype(rows.dtype), layout.group_sizes)
+    """float32 weights under bfloat16 rows go to the kernels as they are (cast block by block in VMEM: no
+    bfloat16 copy in HBM, float32 weight gradients), unless fsdp splits them: then they are cast first, so
+    that their all-gather moves bfloat16 and the gathered copy kept for the backward pass is bfloat16."""
+    if not (rows.dtype == jnp.bfloat16 and w.dtype == jnp.float32 and sharding.axis_size("fsdp") == 1):
+        w = w.astype(rows.dtype)
+    return pallas_kernels.gmm(rows, w, layout.group_sizes)
 
 
 register_backend("einsum", _einsum)

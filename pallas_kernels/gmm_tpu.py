@@ -39,7 +39,7 @@ def _gmm_kernel(offsets, tiles, groups, flags, lhs_ref, rhs_ref, out_ref, acc_re
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
     def accumulate(mask: bool):
-        x, w = lhs_ref[...], rhs_ref[...]  # [tm, tk]; [tn, tk] or [tk, tn]
+        x, w = lhs_ref[...], rhs_ref[...].astype(lhs_ref.dtype)  # [tm, tk]; [tn, tk] or [tk, tn] (f32 rhs: cast here)
         if mask:
             x, w = _mask_k(x, 1, kk, tk, k), _mask_k(w, 1 if transpose_rhs else 0, kk, tk, k)
         dims = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
@@ -76,7 +76,7 @@ def gmm_specs(tiling, transpose_rhs: bool):
     return [lhs_spec, rhs_spec], out_spec
 
 
-def gmm_cost(m, k, n, n_local, tiling, in_item, out_item) -> pl.CostEstimate:
+def gmm_cost(m, k, n, n_local, tiling, in_item, out_item, rhs_item=None) -> pl.CostEstimate:
     """What gmm's tiling makes the chip do when every one of its V = tiles_m + G_local - 1 visits computes
     (each group boundary inside a tile: the worst case its static grid allows, and the usual one). Blocks
     move whole, and only when their index changes from the previous grid step (the Pallas TPU pipeline):
@@ -85,7 +85,8 @@ def gmm_cost(m, k, n, n_local, tiling, in_item, out_item) -> pl.CostEstimate:
     - lhs: with tiles_k = 1, a row tile is fetched once per j (its visits are consecutive); with
       tiles_k > 1 at every grid step;
     - rhs: with tiles_k = 1, a group's block once per j (its visits are consecutive); else at every step;
-    - out: each [tm, tn] block written once."""
+    - out: each [tm, tn] block written once.
+    rhs_item: rhs's item size when it differs from lhs's (float32 weights read by a bfloat16 kernel)."""
     tm, tk, tn = tiling
     tiles_m, tiles_k, tiles_n = cdiv(m, tm), cdiv(k, tk), cdiv(n, tn)
     V = tiles_m + n_local - 1
@@ -93,7 +94,7 @@ def gmm_cost(m, k, n, n_local, tiling, in_item, out_item) -> pl.CostEstimate:
     rhs = tiles_n * (n_local if tiles_k == 1 else V * tiles_k) * tk * tn
     out = tiles_n * tiles_m * tm * tn
     return pl.CostEstimate(flops=2 * V * tm * tiles_k * tk * tiles_n * tn, transcendentals=0,
-                           bytes_accessed=in_item * (lhs + rhs) + out_item * out)
+                           bytes_accessed=in_item * lhs + (rhs_item or in_item) * rhs + out_item * out)
 
 
 def gmm(lhs, rhs, meta: GroupMetadata, tiling, *, transpose_rhs: bool, out_dtype, vmem_limit: int,
@@ -113,7 +114,7 @@ def gmm(lhs, rhs, meta: GroupMetadata, tiling, *, transpose_rhs: bool, out_dtype
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary"),
                                              vmem_limit_bytes=vmem_limit),
         cost_estimate=gmm_cost(m, k, n, rhs.shape[0], tiling, jnp.dtype(lhs.dtype).itemsize,
-                               jnp.dtype(out_dtype).itemsize),
+                               jnp.dtype(out_dtype).itemsize, jnp.dtype(rhs.dtype).itemsize),
         interpret=interpret,
         name="moejax_gmm",
     )

@@ -15,7 +15,11 @@ works. Options:
 - Rows of other groups and rows past sum(group_sizes) come out as zeros (gmm), and are ignored (tgmm);
   groups are clipped at row m, so sizes summing to more than m simply end there.
 - float32 or bfloat16 inputs (lhs and rhs alike), float32 accumulation; the output has
-  preferred_element_type (default: the inputs' dtype).
+  preferred_element_type (default: lhs's dtype). gmm also takes bfloat16 lhs with float32 rhs (weights kept
+  in float32, as training keeps them): the TPU kernel reads the float32 blocks and casts them to bfloat16 in
+  VMEM, so no bfloat16 copy of the weights is written to HBM and read back, and the weight gradient (tgmm)
+  comes out in float32 directly; the GPU kernel casts rhs first. The values are those of casting rhs to
+  bfloat16 first.
 
 Implementations, by `platform` (default: `default_platform()`, from the devices of the current mesh, so
 that ahead-of-time compilation for a TPU topology from a CPU host picks the TPU kernel):
@@ -79,29 +83,34 @@ class _Options:
 
 
 def default_tiling(platform: str, m: int, k: int, n: int, dtype, op: str = "gmm",
-                   out_dtype=None) -> tuple[int, int, int]:
-    """(tm, tk, tn) by the rule in the module docstring, for op 'gmm' or 'tgmm' of shapes (m, k, n)."""
+                   out_dtype=None, rhs_dtype=None) -> tuple[int, int, int]:
+    """(tm, tk, tn) by the rule in the module docstring, for op 'gmm' or 'tgmm' of shapes (m, k, n); dtype:
+    lhs's (and the other input's unless rhs_dtype says otherwise)."""
     if platform == "gpu":
         return 128, 32 if jnp.dtype(dtype) == jnp.float32 else 64, 128
     in_bytes = jnp.dtype(dtype).itemsize
     out_bytes = jnp.dtype(out_dtype or dtype).itemsize
+    rhs_bytes = jnp.dtype(rhs_dtype or dtype).itemsize
     tm = min(m, TPU_TM)
     for tk in [k] + [t for t in (2048, 1024, 512, 256, 128) if t < k]:  # whole k first: no re-fetch, no mask
         for split in range(1, cdiv(n, 128) + 1):  # then the widest n tiles of equal size (multiples of 128)
             tn = n if split == 1 else min(n, cdiv(cdiv(n, split), 128) * 128)
-            if _vmem_bytes((tm, tk, tn), in_bytes, out_bytes, op == "tgmm") <= DEFAULT_VMEM:
+            if _vmem_bytes((tm, tk, tn), in_bytes, out_bytes, op == "tgmm", rhs_bytes) <= DEFAULT_VMEM:
                 return tm, tk, tn
     return tm, min(k, 128), min(n, 128)
 
 
-def _vmem_bytes(tiling, in_bytes, out_bytes, tgmm: bool) -> int:
+def _vmem_bytes(tiling, in_bytes, out_bytes, tgmm: bool, rhs_bytes=None) -> int:
+    """Double-buffered input and output blocks and the float32 accumulator; rhs_bytes: the second input's
+    item size when it differs (gmm's float32 rhs under bfloat16 lhs)."""
     tm, tk, tn = tiling
     acc = tk * tn if tgmm else tm * tn
     out = tk * tn if tgmm else tm * tn
-    return 2 * (in_bytes * (tm * tk + (tm * tn if tgmm else tk * tn)) + out_bytes * out) + 4 * acc
+    second = (rhs_bytes or in_bytes) * (tm * tn if tgmm else tk * tn)
+    return 2 * (in_bytes * tm * tk + second + out_bytes * out) + 4 * acc
 
 
-def _check_tiling(name, platform, tiling, dims, dtype, out_dtype, tgmm):
+def _check_tiling(name, platform, tiling, dims, dtype, out_dtype, tgmm, rhs_dtype=None):
     """Mosaic blocks: each tile a multiple of the TPU tile (8 or 16 rows, 128 lanes) or the whole
     dimension, and the blocks fit VMEM_BUDGET. Triton blocks: powers of two, at least 16."""
     if len(tiling) != 3 or not all(isinstance(t, int) and t > 0 for t in tiling):
@@ -115,7 +124,8 @@ def _check_tiling(name, platform, tiling, dims, dtype, out_dtype, tgmm):
         if t < d and t % align:
             raise ValueError(f"{name}: {what}={t} with that dimension {d}: a TPU tile must be a multiple of "
                              f"{align}, or cover the whole dimension (tiling={tiling})")
-    need = _vmem_bytes(tiling, jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize, tgmm)
+    need = _vmem_bytes(tiling, jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize, tgmm,
+                       jnp.dtype(rhs_dtype or dtype).itemsize)
     if need > VMEM_BUDGET:
         raise ValueError(f"{name}: tiling={tiling} needs {need / 2**20:.1f} MiB of VMEM for shapes (m, k, n)="
                          f"{dims}; at most {VMEM_BUDGET // 2**20} MiB is allowed: use smaller tiles")
@@ -125,13 +135,18 @@ def _check(name, lhs, rhs, group_sizes, group_offset, rhs_k_axis):
     if lhs.ndim != 2 or rhs.ndim != 3:
         raise ValueError(f"{name}: expected lhs [m, k] and rhs [G, k, n] (or [G, n, k] with transpose_rhs); "
                          f"got lhs {lhs.shape}, rhs {rhs.shape}")
-    if lhs.dtype != rhs.dtype or jnp.dtype(lhs.dtype) not in DTYPES:
+    if not ((lhs.dtype == rhs.dtype and jnp.dtype(lhs.dtype) in DTYPES) or _mixed(lhs.dtype, rhs.dtype)):
         raise ValueError(f"{name}: lhs {lhs.dtype} and rhs {rhs.dtype} must have one dtype among float32, "
-                         f"bfloat16 (cast first)")
+                         f"bfloat16, or be bfloat16 lhs with float32 rhs (cast first)")
     if lhs.shape[1] != rhs.shape[rhs_k_axis]:
         raise ValueError(f"{name}: contraction sizes differ: lhs {lhs.shape} has k={lhs.shape[1]}, rhs "
                          f"{rhs.shape} has {rhs.shape[rhs_k_axis]} on axis {rhs_k_axis}")
     _check_groups(name, group_sizes, group_offset, rhs.shape[0], lhs.shape[0])
+
+
+def _mixed(lhs_dtype, rhs_dtype) -> bool:
+    """bfloat16 lhs with float32 rhs: rhs blocks are cast to bfloat16 in the kernel."""
+    return jnp.dtype(lhs_dtype) == jnp.bfloat16 and jnp.dtype(rhs_dtype) == jnp.float32
 
 
 def _check_groups(name, group_sizes, group_offset, n_local, m):
@@ -167,18 +182,20 @@ def default_platform() -> str:
     return {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(name, "interpret")
 
 
-def _setup(o: _Options, platform: str, name: str, dims, dtype, tgmm: bool):
+def _setup(o: _Options, platform: str, name: str, dims, dtype, tgmm: bool, rhs_dtype):
     """(kernel platform, interpret, tiling) for one call, the tiling checked."""
     kernel_platform = "tpu" if platform == "interpret" else platform
     interpret = o.interpret or (pltpu.InterpretParams() if platform == "interpret" else False)
     op = "tgmm" if tgmm else "gmm"
+    if kernel_platform == "gpu":
+        rhs_dtype = dtype  # the GPU kernel gets rhs cast to lhs's dtype
     if o.tiling is None:
-        tiling = default_tiling(kernel_platform, *dims, dtype, op, o.out_dtype)
+        tiling = default_tiling(kernel_platform, *dims, dtype, op, o.out_dtype, rhs_dtype)
     else:
         asked = tuple(o.tiling(op, *dims)) if callable(o.tiling) else o.tiling
-        _check_tiling(name, kernel_platform, asked, dims, dtype, o.out_dtype, tgmm)
+        _check_tiling(name, kernel_platform, asked, dims, dtype, o.out_dtype, tgmm, rhs_dtype)
         tiling = asked if kernel_platform == "gpu" else tuple(min(t, d) for t, d in zip(asked, dims))
-    _check_tiling(name, kernel_platform, tiling, dims, dtype, o.out_dtype, tgmm)
+    _check_tiling(name, kernel_platform, tiling, dims, dtype, o.out_dtype, tgmm, rhs_dtype)
     return kernel_platform, interpret, tiling
 
 
@@ -187,12 +204,13 @@ def _impl(o: _Options, tgmm: bool, x, y, group_sizes, group_offset):
     n = y.shape[1] if tgmm or o.transpose_rhs else y.shape[2]
     dims = (x.shape[0], x.shape[1], n)  # (m, k, n)
     kp, interpret, tiling = _setup(o, o.platform or default_platform(), "tgmm" if tgmm else "gmm", dims, x.dtype,
-                                   tgmm)
+                                   tgmm, y.dtype)
     meta = group_metadata(group_sizes, dims[0], tiling[0], o.n_local, group_offset, visit_empty_groups=tgmm)
     if kp == "gpu":
         kernels, kw = gmm_gpu, dict(num_warps=4, num_stages=3, interpret=interpret)
+        y = y.astype(x.dtype)
     else:
-        need = _vmem_bytes(tiling, x.dtype.itemsize, jnp.dtype(o.out_dtype).itemsize, tgmm)
+        need = _vmem_bytes(tiling, x.dtype.itemsize, jnp.dtype(o.out_dtype).itemsize, tgmm, y.dtype.itemsize)
         kernels, kw = gmm_tpu, dict(vmem_limit=_vmem_limit(need), interpret=interpret)
     if tgmm:
         return kernels.tgmm(x, y, meta, tiling, n_local=o.n_local, out_dtype=o.out_dtype, **kw)

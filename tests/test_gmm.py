@@ -152,6 +152,26 @@ def test_bfloat16_inputs_accumulate_in_float32(kernel):
     np.testing.assert_allclose(drhs.astype(jnp.float32), want_d, **BF16)
 
 
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_float32_weights_under_bfloat16_rows_equal_casting_them_first(kernel):
+    """gmm(bf16 lhs, f32 rhs): the same output and input gradient as casting rhs to bf16 first (the TPU kernel
+    casts each block in VMEM), and a float32 weight gradient (tgmm accumulates and writes float32), which
+    equals the reference of the bf16 operands."""
+    m, k, n, sizes = SHAPES["padded"]
+    lhs, rhs, ct = arrays(m, k, n, len(sizes), dtype=jnp.bfloat16)
+    rhs32 = rhs.astype(jnp.float32) + 1e-4  # not bf16-representable: the cast must happen
+    f = lambda x, w: jnp.sum(call_gmm(kernel, x, w, sizes).astype(jnp.float32) * ct)
+    out = call_gmm(kernel, lhs, rhs32, sizes)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out, call_gmm(kernel, lhs, rhs32.astype(jnp.bfloat16), sizes))
+    dx, dw = jax.grad(f, (0, 1))(lhs, rhs32)
+    dx16, _ = jax.grad(f, (0, 1))(lhs, rhs32.astype(jnp.bfloat16))
+    np.testing.assert_array_equal(dx, dx16)
+    assert dw.dtype == jnp.float32
+    np.testing.assert_allclose(dw, loop_tgmm(lhs.astype(jnp.float32), ct.astype(jnp.bfloat16).astype(jnp.float32),
+                                             sizes), **F32)
+
+
 def test_default_platform_interprets_on_cpu_and_uses_default_tiles():
     """platform=None: default_platform(), on CPU the TPU kernels in the TPU interpreter."""
     m, k, n, sizes = 600, 96, 80, [0, 250, 0, 200, 100]  # tm = 128: five row tiles, the last partial
@@ -190,6 +210,14 @@ def test_default_tpu_tiling_per_operation(op, m, k, n, dtype, want):
     from pallas_kernels import grouped_matmul
     assert grouped_matmul._vmem_bytes(tiling, 2 if dtype == jnp.bfloat16 else 4, 2 if dtype == jnp.bfloat16 else 4,
                                       op == "tgmm") <= grouped_matmul.DEFAULT_VMEM
+
+
+def test_float32_rhs_blocks_count_double_in_vmem():
+    """DeepSeekMoE-16B's w_gate under bf16 rows with float32 weights: the [2048, 1408] rhs block in float32
+    takes what two bf16 blocks take, so n splits in 2 where a bf16 rhs keeps it whole."""
+    assert pallas_kernels.default_tiling("tpu", 49152, 2048, 1408, jnp.bfloat16, "gmm") == (128, 2048, 1408)
+    assert pallas_kernels.default_tiling("tpu", 49152, 2048, 2816, jnp.bfloat16, "gmm",
+                                         rhs_dtype=jnp.float32) == (128, 2048, 1408)
 
 
 def test_callable_tiling_reaches_the_backward_kernels():
@@ -237,8 +265,8 @@ def walk(in_specs, out_spec, grid, meta, v_axis, in_items, out_item):
 
 
 @pytest.mark.parametrize("tiling", [(128, 256, 128), (128, 128, 128)])  # tiles_k = 1, tiles_k = 2
-@pytest.mark.parametrize("transpose", [False, True])
-def test_declared_kernel_costs_match_their_index_maps(tiling, transpose):
+@pytest.mark.parametrize("transpose, rhs_item", [(False, 2), (True, 2), (False, 4)])  # 4: float32 weights
+def test_declared_kernel_costs_match_their_index_maps(tiling, transpose, rhs_item):
     """Each Mosaic kernel's CostEstimate (gmm_cost, tgmm_cost) equals the bytes and FLOPs counted by
     walking its grid with its own index maps when every visit computes (every group boundary inside a
     row tile: the declared case), and bounds them for other group sizes (empty groups, padding rows)."""
@@ -251,9 +279,9 @@ def test_declared_kernel_costs_match_their_index_maps(tiling, transpose):
         gs = jnp.asarray(sizes, jnp.int32)
         G = len(sizes)
         gmm_grid, tgmm_grid = grid_of(-(-m // tm) + G - 1)
-        cost = gmm_tpu.gmm_cost(m, k, n, G, tiling, 2, 4)
+        cost = gmm_tpu.gmm_cost(m, k, n, G, tiling, 2, 4, rhs_item)
         meta = metadata.group_metadata(gs, m, tm, G, visit_empty_groups=False)
-        got = walk(*gmm_tpu.gmm_specs(tiling, transpose), gmm_grid, meta, 1, (2, 2), 4)
+        got = walk(*gmm_tpu.gmm_specs(tiling, transpose), gmm_grid, meta, 1, (2, rhs_item), 4)
         tcost = gmm_tpu.tgmm_cost(m, k, n, G, tiling, 2, 4)
         tmeta = metadata.group_metadata(gs, m, tm, G, visit_empty_groups=True)
         tgot = walk(*gmm_tpu.tgmm_specs(tiling), tgmm_grid, tmeta, 2, (2, 2), 4)
@@ -384,21 +412,23 @@ def test_gpu_kernels_run_on_the_gpu(dtype):
 # (name, tokens x top-k rows per expert shard, k, n, experts, expert-parallel devices): the two expert
 # matmuls (w_in [E, d, 2f], w_down [E, f, d]) of DeepSeekMoE-16B (d 2048, f 1408, 64 experts, top-6; 16K
 # tokens, experts split over the 4 devices) and Mixtral-8x7B (d 4096, f 14336, 8 experts, top-2; 16K tokens).
-AOT_SHAPES = [
-    ("deepseekmoe16b_w_in", 16384 * 6 // 4, 2048, 2 * 1408, 64, 4),
-    ("deepseekmoe16b_w_down", 16384 * 6 // 4, 1408, 2048, 64, 4),
-    ("mixtral_w_in", 16384 * 2, 4096, 2 * 14336, 8, 1),
-    ("mixtral_w_down", 16384 * 2, 14336, 4096, 8, 1),
+AOT_SHAPES = [  # name, m, k, n, E, D, weight dtype (float32: as training keeps them, cast in the kernel)
+    ("deepseekmoe16b_w_gate", 16384 * 6 // 4, 2048, 1408, 64, 4, jnp.float32),
+    ("deepseekmoe16b_w_down", 16384 * 6 // 4, 1408, 2048, 64, 4, jnp.float32),
+    ("mixtral_w_in", 16384 * 2, 4096, 2 * 14336, 8, 1, jnp.bfloat16),
+    ("mixtral_w_down", 16384 * 2, 14336, 4096, 8, 1, jnp.bfloat16),
 ]
 
 
-def declared_flops(m, k, n, n_local, dtype=jnp.bfloat16):
+def declared_flops(m, k, n, n_local, dtype=jnp.bfloat16, w_dtype=None):
     """FLOPs the three kernels of a gmm's forward + backward declare at their default tiles: gmm
     (m, k, n), its input gradient gmm (m, n, k) and its weight gradient tgmm (m, k, n)."""
     from pallas_kernels import gmm_tpu
 
     def one(op, k_, n_, cost):
-        return cost(m, k_, n_, n_local, pallas_kernels.default_tiling("tpu", m, k_, n_, dtype, op), 2, 2).flops
+        rhs, out = (w_dtype, None) if op == "gmm" else (None, w_dtype)  # tgmm writes the weights' dtype
+        return cost(m, k_, n_, n_local, pallas_kernels.default_tiling("tpu", m, k_, n_, dtype, op, out, rhs),
+                    2, 2).flops
     return (one("gmm", k, n, gmm_tpu.gmm_cost) + one("gmm", n, k, gmm_tpu.gmm_cost)
             + one("tgmm", k, n, gmm_tpu.tgmm_cost))
 
@@ -406,16 +436,16 @@ def declared_flops(m, k, n, n_local, dtype=jnp.bfloat16):
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (the test extra)")
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
 def test_mosaic_kernels_compile_for_tpu_topologies(topology):
-    """Forward + both gradients inside shard_map over 4 chips, bf16, at the expert shapes above (each
-    device multiplies its E / D experts: group_offset = axis_index * E / D). Mosaic fails to compile a
-    kernel that overflows VMEM; cost_analysis counts the FLOPs the kernels declare (whole blocks, a bit over
-    3 matmuls of 2 m k n)."""
+    """Forward + both gradients inside shard_map over 4 chips, bf16 rows, at the expert shapes and weight
+    dtypes above (each device multiplies its E / D experts: group_offset = axis_index * E / D). Mosaic fails
+    to compile a kernel that overflows VMEM; cost_analysis counts the FLOPs the kernels declare (whole
+    blocks, a bit over 3 matmuls of 2 m k n)."""
     from moejax import aot
 
     devices = aot.topology_devices(topology)
     assert len(devices) == 4
     mesh = jax.sharding.Mesh(np.array(devices), ("expert",))
-    for name, m, k, n, E, D in AOT_SHAPES:
+    for name, m, k, n, E, D, w_dtype in AOT_SHAPES:
         def step(x, w, gs):
             offset = jax.lax.axis_index("expert") * (E // D) if D > 1 else 0
             f = lambda x, w: pallas_kernels.gmm(x, w, gs, group_offset=offset).astype(jnp.float32).sum()
@@ -424,11 +454,11 @@ def test_mosaic_kernels_compile_for_tpu_topologies(topology):
         w_spec = P("expert") if D > 1 else P()
         run = jax.shard_map(step, mesh=mesh, in_specs=(P(), w_spec, P()), out_specs=(P(), (P(), w_spec)),
                             check_vma=False)
-        args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((E, k, n), jnp.bfloat16),
+        args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((E, k, n), w_dtype),
                 jax.ShapeDtypeStruct((E,), jnp.int32))
         with jax.default_matmul_precision("default"):
             compiled = jax.jit(run).trace(*args).lower().compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
-        assert cost["flops"] == pytest.approx(declared_flops(m, k, n, E // D), rel=0.01), name
+        assert cost["flops"] == pytest.approx(declared_flops(m, k, n, E // D, w_dtype=w_dtype), rel=0.01), name
         assert 1.0 < cost["flops"] / (3 * 2 * m * k * n) < 1.25, name  # whole blocks at group boundaries

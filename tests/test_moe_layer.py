@@ -512,3 +512,20 @@ def test_gated_shared_expert_of_any_width():
         model_config.MoEConfig(D, DFF, n_experts=4, top_k=2, shared_gate=True)
     with pytest.raises(ValueError, match=r"MoEConfig\.shared_d_ff=24.*allowed: 0 with n_shared=0"):
         model_config.MoEConfig(D, DFF, n_experts=4, top_k=2, shared_d_ff=24)
+
+
+def test_pallas_backend_casts_float32_weights_first_only_under_fsdp(monkeypatch):
+    """bf16 rows with f32 weights: the weights reach pallas_kernels.gmm in f32 (cast in the kernel) without
+    fsdp, and in bf16 when fsdp splits them (the all-gather then moves bf16)."""
+    from moejax import sharding
+
+    seen = []
+    monkeypatch.setattr(experts.pallas_kernels, "gmm",
+                        lambda rows, w, sizes: seen.append(w.dtype) or jnp.zeros((rows.shape[0], w.shape[2]), rows.dtype))
+    layout = dataclasses.make_dataclass("L", ["group_sizes"])(jnp.zeros((4,), jnp.int32))
+    rows, w = jnp.zeros((8, 16), jnp.bfloat16), jnp.zeros((4, 16, 32), jnp.float32)
+    experts._pallas(rows, w, layout)
+    experts._pallas(rows.astype(jnp.float32), w.astype(jnp.bfloat16), layout)
+    with sharding.use(sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=2), jax.devices()[:2])):
+        experts._pallas(rows, w, layout)
+    assert seen == [jnp.float32, jnp.float32, jnp.bfloat16]

@@ -157,13 +157,17 @@ def test_float32_weights_under_bfloat16_rows_equal_casting_them_first(kernel):
     """gmm(bf16 lhs, f32 rhs): the same output and input gradient as casting rhs to bf16 first (the TPU kernel
     casts each block in VMEM), and a float32 weight gradient (tgmm accumulates and writes float32), which
     equals the reference of the bf16 operands."""
-    m, k, n, sizes = SHAPES["padded"]
+    m, k, n, sizes = SHAPES["over"]
     lhs, rhs, ct = arrays(m, k, n, len(sizes), dtype=jnp.bfloat16)
     rhs32 = rhs.astype(jnp.float32) + 1e-4  # not bf16-representable: the cast must happen
-    f = lambda x, w: jnp.sum(call_gmm(kernel, x, w, sizes).astype(jnp.float32) * ct)
-    out = call_gmm(kernel, lhs, rhs32, sizes)
+    platform, interpret, tiling = KERNELS[kernel]
+    interpret = pltpu.InterpretParams() if kernel == "tpu" else interpret  # races: test_tpu_interpreter_finds_no_races
+    gmm = lambda x, w: pallas_kernels.gmm(x, w, jnp.asarray(sizes, jnp.int32), platform=platform,
+                                          interpret=interpret, tiling=tiling)
+    f = lambda x, w: jnp.sum(gmm(x, w).astype(jnp.float32) * ct)
+    out = gmm(lhs, rhs32)
     assert out.dtype == jnp.bfloat16
-    np.testing.assert_array_equal(out, call_gmm(kernel, lhs, rhs32.astype(jnp.bfloat16), sizes))
+    np.testing.assert_array_equal(out, gmm(lhs, rhs32.astype(jnp.bfloat16)))
     dx, dw = jax.grad(f, (0, 1))(lhs, rhs32)
     dx16, _ = jax.grad(f, (0, 1))(lhs, rhs32.astype(jnp.bfloat16))
     np.testing.assert_array_equal(dx, dx16)

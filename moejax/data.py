@@ -434,18 +434,30 @@ def train_iterator(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int 
     return iter(batches)
 
 
+def eval_sets(cfg: DataConfig, tokenizer: Tokenizer, *, process_index: int | None = None,
+              process_count: int | None = None) -> tuple[list[dict[str, np.ndarray]], list[dict[str, np.ndarray]]]:
+    """(periodic, final): this host's slices of both evaluations' global batches (see eval_batches), from one
+    read of the eval split."""
+    index, count = _process(cfg, process_index, process_count)
+    final_steps = cfg.final_eval_steps or cfg.eval_steps
+    rows = packed_rows(cfg, tokenizer, split_field="eval_split", shuffle=False, num_epochs=1)
+    rows = list(itertools.islice(rows, max(final_steps, cfg.eval_steps) * cfg.batch_size))
+    n = cfg.eval_steps * cfg.batch_size
+    periodic = [rows[i * len(rows) // n] for i in range(n)] if n < len(rows) else rows  # evenly spaced from row 0
+    return (_host_batches(cfg, periodic, index, count),
+            _host_batches(cfg, rows[:final_steps * cfg.batch_size], index, count))
+
+
 def eval_batches(cfg: DataConfig, tokenizer: Tokenizer, *, final: bool = False, process_index: int | None = None,
                  process_count: int | None = None) -> list[dict[str, np.ndarray]]:
     """This host's slice of the final evaluation's global batches (the first final_eval_steps, 0: eval_steps,
     batches of the unshuffled eval split), or of the periodic evaluation's eval_steps batches: rows spread
     evenly over the final ones when those are more, else the first eval_steps batches."""
-    index, count = _process(cfg, process_index, process_count)
-    final_steps = cfg.final_eval_steps or cfg.eval_steps
-    rows = packed_rows(cfg, tokenizer, split_field="eval_split", shuffle=False, num_epochs=1)
-    rows = list(itertools.islice(rows, (final_steps if final else max(final_steps, cfg.eval_steps)) * cfg.batch_size))
-    n = cfg.eval_steps * cfg.batch_size
-    if not final and n < len(rows):
-        rows = [rows[i * len(rows) // n] for i in range(n)]  # evenly spaced, the first row included
+    return eval_sets(cfg, tokenizer, process_index=process_index, process_count=process_count)[int(final)]
+
+
+def _host_batches(cfg: DataConfig, rows: list, index: int, count: int) -> list[dict[str, np.ndarray]]:
+    """Global batches of `rows` (the last padded with weights 0), this host's slice of each."""
     n_batches = -(-len(rows) // cfg.batch_size)
     stacked = {k: np.stack([r[k] for r in rows]) for k in FEATURES}  # [N, S]
     per_host = cfg.batch_size // count

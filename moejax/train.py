@@ -109,8 +109,7 @@ def _train(run, config_dict, workdir, progress, allow_changes, chief, start) -> 
     sharding.require_batch(run.data.batch_size, mesh, t.grad_accum)
     trainer = Trainer(run.model_config(tokenizer.vocab_size), t, run.seed, mesh)
     train_iter = data_lib.train_iterator(run.data, tokenizer)  # this process's rows
-    eval_set = data_lib.eval_batches(run.data, tokenizer)
-    final_set = data_lib.eval_batches(run.data, tokenizer, final=True) if run.data.final_eval_steps else eval_set
+    eval_set, final_set = data_lib.eval_sets(run.data, tokenizer)  # the split read once for both
     token_bytes = np.asarray(tokenizer.token_bytes, np.float32)
     corpus = data_lib.corpus_identity(run.data)
 

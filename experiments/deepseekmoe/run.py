@@ -26,6 +26,7 @@ sibling directory (another suite's workdir beside this one) is copied from there
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -184,7 +185,8 @@ def init_gate_mass(config) -> list[float]:
     run = config_lib.to_typed(config)
     tokenizer = data_lib.get_tokenizer(run.data)
     model = model_lib.Transformer(run.model_config(tokenizer.vocab_size), rngs=nnx.Rngs(params=run.seed))  # as Trainer.init
-    batch = data_lib.eval_batches(run.data, tokenizer, final=True)[0]  # the split's first batch
+    first = dataclasses.replace(run.data, eval_steps=1, final_eval_steps=1)  # read one batch, not the whole set
+    batch = data_lib.eval_batches(first, tokenizer, final=True)[0]  # the split's first batch
 
     @nnx.jit  # one compiled program, not the forward op by op
     def masses(model, batch):

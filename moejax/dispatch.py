@@ -66,39 +66,56 @@ def capacity(n_tokens: int, k: int, n_experts: int, capacity_factor: float) -> i
 
 def _sorted_assignments(expert_ids, mask, n_experts, priority):
     """Assignments n = k*T + t sorted by (expert, priority order); masked ones last (expert id E).
-    Counts [E] by comparison, not bincount (a scatter: element-serial on TPU)."""
+    -> perm [N] (assignment at each sorted position), sorted_ids [N], counts [E].
+    One multi-operand sort gives both the order and the sorted ids (no gather: the XLA:TPU cost model
+    charges a gather of N int32 from an [N] array ~0.2 GB at the DeepSeekMoE-16B shape, where the sort costs
+    nearly nothing); priority [T] orders the tokens of each pick by decreasing priority (ties: token order).
+    Counts by comparison, not bincount (a scatter: element-serial on TPU)."""
     T, K = expert_ids.shape
-    ids = jnp.where(mask, expert_ids, n_experts).T.reshape(-1)  # [N] k-major
-    order = jnp.arange(T) if priority is None else jnp.argsort(-priority, stable=True)
-    by_priority = (jnp.arange(K)[:, None] * T + order[None, :]).reshape(-1)  # [N]
-    perm = by_priority[jnp.argsort(ids[by_priority], stable=True)].astype(jnp.int32)
+    ids = jnp.where(mask, expert_ids, n_experts).T.reshape(-1).astype(jnp.int32)  # [N] k-major
+    n = jnp.arange(T * K, dtype=jnp.int32)
+    if priority is None:
+        sorted_ids, perm = jax.lax.sort((ids, n), num_keys=1, is_stable=True)
+    else:  # by expert, then pick, then decreasing priority; stable: ties in token order
+        sorted_ids, _, _, perm = jax.lax.sort((ids, n // T, jnp.tile(-priority, K), n), num_keys=3, is_stable=True)
     counts = jnp.sum(ids[None, :] == jnp.arange(n_experts)[:, None], axis=1, dtype=jnp.int32)  # [E]
-    sorted_ids = ids[perm]
+    return perm, sorted_ids, counts
+
+
+def _rank(sorted_ids, counts):
+    """Position of each sorted assignment within its expert's run. [N]"""
     start = jnp.concatenate([jnp.cumsum(counts) - counts, jnp.array([counts.sum()])])
-    rank = jnp.arange(T * K) - start[sorted_ids]  # position of each sorted assignment in its expert
-    return perm, sorted_ids, rank, counts
+    return jnp.arange(sorted_ids.shape[0]) - start[sorted_ids]
 
 
-def _plan(perm, dest, counts, layout, n_rows, T, K):
+def _inverse_slots(perm, dest):
+    """slot [N]: dest of assignment n, i.e. dest o perm^-1 (perm [N] a permutation), by one sort keyed on
+    perm (a gather at argsort(perm) costs a sort and a gather)."""
+    return jax.lax.sort((perm, dest.astype(jnp.int32)), num_keys=1)[1]
+
+
+def _plan(perm, dest, counts, layout, n_rows, T, K, src_is_row=False):
     """The Plan of sorted assignments perm [N] placed at rows dest [N] (n_rows: dropped), each expert's run
     starting at its layout run start. Gathers and sorts only, no scatter (XLA:TPU runs scatters element by
-    element): row r of expert e at offset c holds sorted assignment cstart[e] + c if c < counts[e], and
-    slot = dest o perm^-1, the inverse permutation taken by argsort."""
+    element): row r of expert e at offset c holds sorted assignment cstart[e] + c if c < counts[e]
+    (src_is_row: the rows are the sorted assignments themselves, no gather), and slot = dest o perm^-1."""
     N = T * K
     E = counts.shape[0]
-    ends = jnp.cumsum(layout.group_sizes)  # [E] end of each expert's run of rows
     r = jnp.arange(n_rows)
-    e = jnp.searchsorted(ends, r, side="right")  # [M] expert of each row (E past the last run)
-    ec = jnp.minimum(e, E - 1)
-    offset = r - (ends - layout.group_sizes)[ec]
-    full = (e < E) & (offset < counts[ec])
-    src = jnp.where(full, (jnp.cumsum(counts) - counts)[ec] + offset, 0)
-    row_asg = jnp.where(full, perm[src], N)  # [M] assignment of each row, N if empty
-    slot = dest.astype(jnp.int32)[jnp.argsort(perm)]  # [N]
+    if src_is_row:  # dropless with block 1: row r holds sorted assignment r, the first sum(counts) rows full
+        row_asg = jnp.where(r < counts.sum(), perm, N)
+    else:
+        ends = jnp.cumsum(layout.group_sizes)  # [E] end of each expert's run of rows
+        e = jnp.searchsorted(ends, r, side="right")  # [M] expert of each row (E past the last run)
+        ec = jnp.minimum(e, E - 1)
+        offset = r - (ends - layout.group_sizes)[ec]
+        full = (e < E) & (offset < counts[ec])
+        src = jnp.where(full, (jnp.cumsum(counts) - counts)[ec] + offset, 0)
+        row_asg = jnp.where(full, perm[src], N)  # [M] assignment of each row, N if empty
     empty = row_asg == N
     return Plan(
         layout=layout,
-        slot=slot.reshape(K, T),
+        slot=_inverse_slots(perm, dest).reshape(K, T),
         row_token=jnp.where(empty, T, row_asg % T).astype(jnp.int32),
         row_k=jnp.where(empty, K, row_asg // T).astype(jnp.int32),
     )
@@ -118,7 +135,8 @@ def capacity_plan(
     each token's top gate). An assignment whose rank in its expert is >= C is dropped.
     """
     T, K = expert_ids.shape
-    perm, sorted_ids, rank, counts = _sorted_assignments(expert_ids, mask, n_experts, priority)
+    perm, sorted_ids, counts = _sorted_assignments(expert_ids, mask, n_experts, priority)
+    rank = _rank(sorted_ids, counts)
     keep = (sorted_ids < n_experts) & (rank < capacity)
     M = n_experts * capacity
     dest = jnp.where(keep, sorted_ids * capacity + rank, M)
@@ -154,11 +172,15 @@ def dropless_plan(expert_ids: jax.Array, mask: jax.Array, n_experts: int, block:
     G = floor((T K + E (block - 1)) / block) blocks, the most that sum_e ceil(count_e / block) can be.
     """
     T, K = expert_ids.shape
-    perm, sorted_ids, rank, counts = _sorted_assignments(expert_ids, mask, n_experts, None)
+    perm, sorted_ids, counts = _sorted_assignments(expert_ids, mask, n_experts, None)
     M = (T * K + n_experts * (block - 1)) // block * block
     start, layout = padded_layout(counts, M, block)
-    dest = jnp.where(sorted_ids < n_experts, start[jnp.minimum(sorted_ids, n_experts - 1)] + rank, M)
-    return _plan(perm, dest, counts, layout, M, T, K)
+    if block == 1:  # sorted assignment i goes to row i: no per-expert offsets to look up
+        dest = jnp.where(sorted_ids < n_experts, jnp.arange(M), M)
+    else:
+        dest = jnp.where(sorted_ids < n_experts,
+                         start[jnp.minimum(sorted_ids, n_experts - 1)] + _rank(sorted_ids, counts), M)
+    return _plan(perm, dest, counts, layout, M, T, K, src_is_row=block == 1)
 
 
 def auto_block(n_assignments: int, n_experts: int, max_block: int = 256) -> int:
@@ -181,23 +203,44 @@ def dropped_fraction(plan: Plan, mask: jax.Array) -> jax.Array:
     return dropped_count(plan, mask) / jnp.maximum(mask.sum(), 1)
 
 
+LANES = 128  # TPU vector lanes: the minor tile of an array in TPU memory is [8 or 16 rows, 128 lanes]
+
+
+def _lane_rows(x: jax.Array) -> jax.Array:
+    """x [N, d] as [N, d / 128, 128] when d is a multiple of 128 (else [N, 1, d]): the same values, but in TPU
+    memory each row of the 3-D form is whole tiles of its own, whereas in [N, d] a tile holds 8 or 16 rows.
+    A gather of rows from [N, d] reads the whole tiles it touches: the XLA:TPU cost model charges 8-10x the
+    rows' bytes (issue 15: 1.95 GB for the 0.2 GB dispatch gather at the DeepSeekMoE-16B shape); from the 3-D
+    form it charges 0.47 GB, and 0.87 GB with the relayout back to [R, d]. A reshape on CPU and GPU."""
+    N, d = x.shape
+    return x.reshape(N, d // LANES, LANES) if d % LANES == 0 else x.reshape(N, 1, d)
+
+
 def _take(x, idx):
+    """Rows x[idx] ([N, ...] at [R] -> [R, ...]); rows past N (empty ones) are 0."""
     return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
 
 
+def _take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """x [N, d] at rows idx [R] -> [R, d] (0 where idx = N), gathered from the lane-row form (`_lane_rows`)."""
+    return _take(_lane_rows(x), idx).reshape(idx.shape[0], x.shape[1])
+
+
 def _gather_sum(y: jax.Array, slot: jax.Array, w: jax.Array | None = None) -> jax.Array:
-    """sum_k w[k, t] * y[slot[k, t]] in float32, as K fused gathers (never a [K, T, d] tensor)."""
+    """sum_k w[k, t] * y[slot[k, t]] in float32 ([T, d]), as K gathers from y's lane-row form (`_lane_rows`)
+    fused into the sum (never a [K, T, d] tensor; one [K T] gather and then the sum measured slower)."""
+    y3 = _lane_rows(y)  # [M, d / 128, 128]
     out = 0.0
     for k in range(slot.shape[0]):  # K is small and static
-        yk = _take(y, slot[k]).astype(jnp.float32)
-        out = out + (yk if w is None else yk * w[k][:, None])
-    return out
+        yk = _take(y3, slot[k]).astype(jnp.float32)
+        out = out + (yk if w is None else yk * w[k][:, None, None])
+    return out.reshape(slot.shape[1], y.shape[1])
 
 
 @jax.custom_vjp
 def dispatch(x: jax.Array, plan: Plan) -> jax.Array:
     """Buffer rows [M, d]: row r holds x[row_token[r]] (0 for empty rows). x: [T, d]."""
-    return _take(x, plan.row_token)
+    return _take_rows(x, plan.row_token)
 
 
 def _dispatch_fwd(x, plan):
@@ -229,9 +272,10 @@ def _combine_bwd(res, g):
     T, K = weights.shape
     flat = jnp.concatenate([weights.T.reshape(-1).astype(jnp.float32), jnp.zeros((1,), jnp.float32)])
     row_w = flat[jnp.where(plan.row_token < T, plan.row_k * T + plan.row_token, T * K)]  # [M]
-    dy = (_take(g, plan.row_token).astype(jnp.float32) * row_w[:, None]).astype(y.dtype)
-    g32 = g.astype(jnp.float32)
-    dw = jnp.stack([jnp.sum(_take(y, plan.slot[k]).astype(jnp.float32) * g32, -1) for k in range(K)], 1)
+    dy = (_take_rows(g, plan.row_token).astype(jnp.float32) * row_w[:, None]).astype(y.dtype)
+    y3, g32 = _lane_rows(y), _lane_rows(g).astype(jnp.float32)  # [M | T, d / 128, 128]
+    dw = jnp.stack([jnp.sum((_take(y3, plan.slot[k]).astype(jnp.float32) * g32).reshape(T, -1), -1)
+                    for k in range(K)], 1)  # summed as [T, d]: the same order as x . g
     return dy, dw.astype(weights.dtype), None
 
 

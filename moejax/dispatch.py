@@ -221,9 +221,14 @@ def _take(x, idx):
     return jnp.take(x, idx, axis=0, mode="fill", fill_value=0)
 
 
-def _take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
-    """x [N, d] at rows idx [R] -> [R, d] (0 where idx = N), gathered from the lane-row form (`_lane_rows`)."""
-    return _take(_lane_rows(x), idx).reshape(idx.shape[0], x.shape[1])
+def _take_rows(x: jax.Array, idx: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+    """x [N, d] at rows idx [R] -> [R, d] (0 where idx = N), gathered from the lane-row form (`_lane_rows`);
+    scale [R]: each row times it in float32, before the relayout back to [R, d] (so that no float32 copy of the
+    rows is written)."""
+    rows = _take(_lane_rows(x), idx)  # [R, d / 128, 128]
+    if scale is not None:
+        rows = (rows.astype(jnp.float32) * scale[:, None, None]).astype(x.dtype)
+    return rows.reshape(idx.shape[0], x.shape[1])
 
 
 def _gather_sum(y: jax.Array, slot: jax.Array, w: jax.Array | None = None) -> jax.Array:
@@ -270,9 +275,13 @@ def _combine_fwd(y, weights, plan):
 def _combine_bwd(res, g):
     y, weights, plan = res
     T, K = weights.shape
-    flat = jnp.concatenate([weights.T.reshape(-1).astype(jnp.float32), jnp.zeros((1,), jnp.float32)])
-    row_w = flat[jnp.where(plan.row_token < T, plan.row_k * T + plan.row_token, T * K)]  # [M]
-    dy = (_take_rows(g, plan.row_token).astype(jnp.float32) * row_w[:, None]).astype(y.dtype)
+    w_kt = weights.T.reshape(-1).astype(jnp.float32)  # [K T]: weight of assignment k T + t
+    if plan.layout.block == 1 and not plan.layout.per_expert:  # dropless, row r = sorted assignment r
+        row_w = jnp.where(plan.row_token < T, jax.lax.sort((plan.slot.reshape(-1), w_kt), num_keys=1)[1], 0.0)
+    else:
+        flat = jnp.concatenate([w_kt, jnp.zeros((1,), jnp.float32)])
+        row_w = flat[jnp.where(plan.row_token < T, plan.row_k * T + plan.row_token, T * K)]  # [M]
+    dy = _take_rows(g, plan.row_token, row_w).astype(y.dtype)
     y3, g32 = _lane_rows(y), _lane_rows(g).astype(jnp.float32)  # [M | T, d / 128, 128]
     dw = jnp.stack([jnp.sum((_take(y3, plan.slot[k]).astype(jnp.float32) * g32).reshape(T, -1), -1)
                     for k in range(K)], 1)  # summed as [T, d]: the same order as x . g

@@ -12,7 +12,11 @@ that each expert owns a contiguous run of rows (`Layout`). Two plans fill that b
 
 `dispatch` / `combine` move rows with gathers only, forward and backward (custom VJPs), because each
 assignment owns at most one row: the transpose of a one-to-one gather is the inverse gather, which is
-much cheaper than the scatter-add that plain autodiff would emit.
+much cheaper than the scatter-add that plain autodiff would emit. On TPU a row gather from [N, d] reads the
+whole memory tiles it touches (8-16 rows each), so rows are gathered from the [N, d/128, 128] "lane-row" form
+(`_lane_rows`); the plans are built by sorts, and gathers of single indices are avoided where a sort does
+(issue 15: the DeepSeekMoE-16B-like layer by the v5p cost model, 13.10 -> 11.12 ms;
+experiments/benchmarks/README.md).
 Expert parallelism (inside a shard_map over an expert axis of D devices, see moejax.moe): `exchange_plan`,
 `exchange` and `exchange_back` send each expert's run of a sorted dropless buffer to the device holding the
 expert and the outputs back, with `jax.lax.ragged_all_to_all` where XLA has it, else

@@ -98,15 +98,20 @@ def _inverse_slots(perm, dest):
     return jax.lax.sort((perm, dest.astype(jnp.int32)), num_keys=1)[1]
 
 
-def _plan(perm, dest, counts, layout, n_rows, T, K, src_is_row=False):
+def _rows_are_sorted(layout: Layout) -> bool:
+    """Row r of the buffer holds sorted assignment r (rows from 0, no padding): dropless plans of block 1."""
+    return layout.block == 1 and not layout.per_expert
+
+
+def _plan(perm, dest, counts, layout, n_rows, T, K):
     """The Plan of sorted assignments perm [N] placed at rows dest [N] (n_rows: dropped), each expert's run
     starting at its layout run start. Gathers and sorts only, no scatter (XLA:TPU runs scatters element by
     element): row r of expert e at offset c holds sorted assignment cstart[e] + c if c < counts[e]
-    (src_is_row: the rows are the sorted assignments themselves, no gather), and slot = dest o perm^-1."""
+    (no gather where the rows are the sorted assignments themselves), and slot = dest o perm^-1."""
     N = T * K
     E = counts.shape[0]
     r = jnp.arange(n_rows)
-    if src_is_row:  # dropless with block 1: row r holds sorted assignment r, the first sum(counts) rows full
+    if _rows_are_sorted(layout):  # the first sum(counts) rows full
         row_asg = jnp.where(r < counts.sum(), perm, N)
     else:
         ends = jnp.cumsum(layout.group_sizes)  # [E] end of each expert's run of rows
@@ -184,7 +189,7 @@ def dropless_plan(expert_ids: jax.Array, mask: jax.Array, n_experts: int, block:
     else:
         dest = jnp.where(sorted_ids < n_experts,
                          start[jnp.minimum(sorted_ids, n_experts - 1)] + _rank(sorted_ids, counts), M)
-    return _plan(perm, dest, counts, layout, M, T, K, src_is_row=block == 1)
+    return _plan(perm, dest, counts, layout, M, T, K)
 
 
 def auto_block(n_assignments: int, n_experts: int, max_block: int = 256) -> int:
@@ -280,7 +285,7 @@ def _combine_bwd(res, g):
     y, weights, plan = res
     T, K = weights.shape
     w_kt = weights.T.reshape(-1).astype(jnp.float32)  # [K T]: weight of assignment k T + t
-    if plan.layout.block == 1 and not plan.layout.per_expert:  # dropless, row r = sorted assignment r
+    if _rows_are_sorted(plan.layout):  # row r's gate: the r-th by slot
         row_w = jnp.where(plan.row_token < T, jax.lax.sort((plan.slot.reshape(-1), w_kt), num_keys=1)[1], 0.0)
     else:
         flat = jnp.concatenate([w_kt, jnp.zeros((1,), jnp.float32)])

@@ -1,6 +1,7 @@
 """Pallas grouped matmul (pallas_kernels.gmm / tgmm) against a per-group loop and jax.lax.ragged_dot.
 
-- TPU (Mosaic) kernels run on CPU in the TPU interpret mode (`pltpu.InterpretParams`), whose uninitialised
+- TPU (Mosaic) kernels run on CPU in the TPU interpret mode (`pltpu.InterpretParams`; explicitly: the default
+  on CPU is Pallas' discharge interpreter outside shard_map), whose uninitialised
   memory is NaN (so a kernel that reads a block before writing it fails), with its race detector on and
   2 simulated cores; GPU (Triton) kernels run in Pallas interpret mode, and are lowered to Triton IR for
   CUDA (no GPU needed); on a machine with a GPU they also run on it.
@@ -23,7 +24,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
-from pallas_kernels import metadata
+from pallas_kernels import grouped_matmul, metadata
 from tests.tolerances import BF16, F32
 
 TPU_INTERPRET = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
@@ -177,9 +178,16 @@ def test_float32_weights_under_bfloat16_rows_equal_casting_them_first(kernel):
 
 
 def test_default_platform_interprets_on_cpu_and_uses_default_tiles():
-    """platform=None: default_platform(), on CPU the TPU kernels in the TPU interpreter."""
+    """platform=None: default_platform(), on CPU the TPU kernels interpreted: by Pallas' discharge interpreter,
+    and inside shard_map (where that one does not run) in the TPU interpret mode."""
     m, k, n, sizes = 600, 96, 80, [0, 250, 0, 200, 100]  # tm = 128: five row tiles, the last partial
     assert pallas_kernels.default_platform() == "interpret"
+    assert grouped_matmul._default_interpret() is True
+    inside = []
+    mesh = jax.make_mesh((1,), ("x",), devices=jax.devices()[:1])
+    jax.shard_map(lambda a: inside.append(grouped_matmul._default_interpret()) or a, mesh=mesh, in_specs=P(),
+                  out_specs=P())(jnp.zeros(1))
+    assert isinstance(inside[0], pltpu.InterpretParams)
     assert pallas_kernels.default_tiling("tpu", m, k, n, jnp.float32) == (128, 96, 80)
     lhs, rhs, _ = arrays(m, k, n, len(sizes))
     np.testing.assert_allclose(pallas_kernels.gmm(lhs, rhs, jnp.asarray(sizes, jnp.int32)),

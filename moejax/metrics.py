@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import numpy as np
 
@@ -58,13 +59,28 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 6 * sum(active_params(config).values()) + 6 * config.n_layers * width * seq_len
 
 
+def _summary_writer_class():
+    """tensorboardX.SummaryWriter, imported late (only the trainer needs it) and without PyTorch: tensorboardX
+    imports torch when it is installed (as on Colab), only to accept torch tensors, which moejax never logs;
+    that import took 1.7 s of a training process' start on a 2-core CPU. Where torch is already imported it is
+    left as it is."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX handles
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricWriter:
     """Appends {'step', **scalars, **arrays as lists} lines to workdir/metrics.jsonl; writes scalars and
     array histograms to TensorBoard. Non-finite floats are written as JSON null."""
 
     def __init__(self, workdir: str):
-        from tensorboardX import SummaryWriter  # imported late: only the trainer needs it
-
+        SummaryWriter = _summary_writer_class()
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         self._tb = SummaryWriter(workdir, flush_secs=30)

@@ -9,7 +9,7 @@ import sys
 import jupytext
 import pytest
 
-from tests.conftest import LEGACY_EMITTERS
+from tests.conftest import FAST_COMPILE
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.py") if p.stem != "colab_setup")  # the helper
@@ -44,7 +44,7 @@ def test_runs_in_smoke_mode(name, tmp_path):
     env = {**os.environ, "MOEJAX_NOTEBOOK_SMOKE": "1", "MPLBACKEND": "Agg",
            "MOEJAX_NOTEBOOK_WORKDIR": str(tmp_path / "workdir"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "XLA_FLAGS": LEGACY_EMITTERS, "JAX_PLATFORMS": "cpu"}  # one CPU device, XLA's default optimisation (they train; see conftest)
+           "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu"}  # one CPU device; compiling is most of a smoke run (conftest)
     proc = subprocess.run([sys.executable, str(ROOT / "notebooks" / f"{name}.py")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (f"notebooks/{name}.py exited {proc.returncode}\n--- stdout (tail)\n"

@@ -62,7 +62,8 @@ class Trainer:
         self.graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
         self.tx = optimizer(self.train)
         check_placement(self.model_config.moe, sharding.axis_size("expert", self.mesh))
-        self.state_sharding = sharding.state_shardings(jax.eval_shape(self._init), self.mesh)
+        self._abstract_init = jax.eval_shape(self._init)  # ShapeDtypeStructs of the state, unsharded
+        self.state_sharding = sharding.state_shardings(self._abstract_init, self.mesh)
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         self._jit_init = jax.jit(self._init, out_shardings=self.state_sharding)
@@ -86,7 +87,7 @@ class Trainer:
 
     def abstract_state(self) -> dict:
         """ShapeDtypeStructs of the state, with their shardings (for restoring and ahead-of-time lowering)."""
-        return sharding.with_shardings(jax.eval_shape(self._init), self.state_sharding)
+        return sharding.with_shardings(self._abstract_init, self.state_sharding)
 
     def abstract_batch(self, batch_size: int, seq_len: int) -> dict:
         """ShapeDtypeStructs of a global training batch [batch_size, seq_len], split over the batch axes."""

@@ -47,12 +47,12 @@ def make_corpus(root: pathlib.Path) -> None:
 
 def _args(tmp, workdir, data=1, expert=8):
     """Tiny DeepSeekMoE (63 routed experts padded to 64 slots) on mesh data x expert (default expert=8: 8 slots
-    per device, 32 per process); d 64, 8 x 64 tokens per step."""
+    per device, 32 per process); one layer, d 64, 8 x 64 tokens per step."""
     return ["-m", "tests.multihost_worker", f"--config={TABLE1}:method=deepseekmoe,scale=tiny", f"--workdir={workdir}",
             f"--config.mesh.data={data}", f"--config.mesh.expert={expert}", "--config.model.moe.pad_experts_to=8",
             "--config.data.source=text_dir", f"--config.data.text_dir={tmp / 'corpus'}",
             f"--config.data.tfds_data_dir={tmp / 'tfds'}", "--config.data.seq_len=64", "--config.data.batch_size=8",
-            "--config.data.eval_steps=1", "--config.model.d_model=64", "--config.model.moe.d_ff=176",
+            "--config.data.eval_steps=1", "--config.model.d_model=64", "--config.model.moe.d_ff=176", "--config.model.n_layers=1",
             f"--config.train.steps={STEPS}", "--config.train.warmup_steps=2", "--config.train.lr=0.003",
             "--config.train.log_every=1", "--config.train.eval_every=1000", f"--config.train.checkpoint_every={SAVE_EVERY}"]
 

@@ -243,6 +243,31 @@ def test_smoke_loss_falls_and_outputs(corpus, tmp_path):
     assert again["steps"] == 30 and again["val_loss"] == pytest.approx(s["val_loss"], rel=1e-6)
 
 
+_METRICS_CHILD = """
+import glob, importlib.util, os, sys
+import numpy as np
+from moejax import metrics
+w = metrics.MetricWriter(sys.argv[1])
+w.write(3, {"loss": 2.5}, {"load": np.array([0.25, 0.75])})
+w.close()
+assert "torch" not in sys.modules, "tensorboardX imported torch"
+[events] = glob.glob(os.path.join(sys.argv[1], "events.out.tfevents.*"))
+assert os.path.getsize(events) > 0 and b"loss" in open(events, "rb").read() and b"load" in open(events, "rb").read()
+if importlib.util.find_spec("torch") is not None:
+    import torch  # still importable afterwards
+    assert torch.zeros(2).sum().item() == 0
+print("ok")
+"""
+
+
+def test_metric_writer_logs_to_tensorboard_without_importing_torch(tmp_path):
+    """MetricWriter's tensorboardX does not import PyTorch (moejax.metrics: 1.7 s of every training process'
+    start where torch is installed); the events file holds the scalars and histograms; torch imports after."""
+    p = subprocess.run([sys.executable, "-c", _METRICS_CHILD, str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+
+
 def test_incompatible_checkpoint_is_refused_and_kept(corpus, tmp_path):
     w = tmp_path / "w"
     train.train_and_evaluate(tiny(corpus, tmp_path, steps=4), str(w))

@@ -71,7 +71,7 @@ def show(markdown_text: str, image_paths=()):
 # paper's ordering and others) are checked on paired seeds: mean difference, 95% Student-t interval, verdict.
 
 # %%
-OUT = tempfile.mkdtemp(prefix="moejax_report_")
+OUT = os.environ.get("MOEJAX_NOTEBOOK_WORKDIR") or tempfile.mkdtemp(prefix="moejax_report_")  # tests set the workdir
 for d in RESULTS:
     meta, results = report.load_results(d)
     suite = suites.get_suite(meta["suite"])

@@ -6,6 +6,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import grain
 import numpy as np
@@ -453,6 +454,18 @@ def test_text_dir_splits_by_path(corpus):
     assert len(files) == 40  # hidden, empty, binary and __pycache__ files skipped
     assert not set(paths["train"]) & set(paths["validation"]) and sorted(sum(paths.values(), [])) == files
     assert sorted(paths["validation"]) == [p for p in files if datasets.is_validation(p, VAL)]
+
+
+def test_building_a_text_dir_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    """tfds made an empty temporary directory for every unprepared builder and kept it (text_files.LocalDatasetInfo)."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    root = write_corpus(tmp_path / "c", n_files=5)
+    builder = data._builder(DataConfig(source="text_dir", text_dir=str(root), tfds_data_dir=str(tmp_path / "tfds"),
+                                       val_fraction=0.5))
+    assert builder.is_prepared() and sum(builder.info.splits[s].num_examples for s in ("train", "validation")) == 5
+    assert os.listdir(scratch) == []
 
 
 def test_text_dir_cache_key_changes_with_files(tmp_path):

@@ -65,7 +65,7 @@ from typing import Iterable, Iterator, NamedTuple
 
 import tensorflow_datasets as tfds
 
-from moejax.datasets.text_files import SPLITS, ContentHash, is_validation
+from moejax.datasets.text_files import SPLITS, ContentHash, LocalDatasetInfo, is_validation
 
 VAL_FRACTION = 0.1
 TEXT_SUFFIXES = (".py", ".pyi", ".pyx", ".pxd", ".rst", ".md", ".txt")
@@ -170,7 +170,7 @@ class MoejaxPypi(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     code_path = None  # no checksums file next to the code (see text_files._TextFilesBuilder)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self, description=self.builder_config.description, metadata=tfds.core.MetadataDict(),
             features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "path": tfds.features.Text()}))
 

@@ -156,6 +156,15 @@ def text_dir_config(root: str, val_fraction: float) -> FilesConfig:
                        description=f"text files under {root}, {len(files)} files")
 
 
+class LocalDatasetInfo(tfds.core.DatasetInfo):
+    """DatasetInfo of a dataset built from local files: tfds' builder looks for published metadata of an
+    unprepared dataset on its GCS bucket (`initialize_from_bucket`), and on finding none leaves the empty
+    temporary directory it made (one /tmp/tmp*tfds per build); moejax's datasets are never published there."""
+
+    def initialize_from_bucket(self) -> None:
+        pass
+
+
 class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """One example per file of `builder_config.files`, split by `is_validation`."""
 
@@ -167,7 +176,7 @@ class _TextFilesBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
     code_path = None
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
+        return LocalDatasetInfo(
             builder=self, description=self.builder_config.description, metadata=tfds.core.MetadataDict(),
             features=tfds.features.FeaturesDict({"text": tfds.features.Text(), "path": tfds.features.Text()}))
 

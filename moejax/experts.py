@@ -4,8 +4,8 @@ Activations: 'swiglu' (Shazeer 2020: silu(x W_gate) * (x W_up) W_down, the defau
 (gelu(x W_up) W_down). Expert weights: w_gate (swiglu only) and w_up [E, d, f], w_down [E, f, d]; dense FFN
 weights are the same without the leading E axis. Except on the Pallas backend, W_gate and W_up are multiplied
 as one [d, 2 f] matrix (one wide matmul beat two narrow ones on CPU); the Pallas kernels take them one by one
-(no concatenated copy of the weights in HBM), and take float32 weights under bfloat16 rows as they are
-unless fsdp splits them (`_pallas`).
+(no concatenated copy of the weights in HBM), and take float32 weights under bfloat16 rows as they are unless
+fsdp splits them (`_pallas_weight`).
 
 Grouped-matmul backends (`BACKENDS`) compute rows [M, d] x w[expert of row] for a dispatch `Layout`:
 - 'einsum':     per-expert batched einsum over an [E, C, d] buffer; needs a per-expert layout
@@ -18,6 +18,8 @@ Grouped-matmul backends (`BACKENDS`) compute rows [M, d] x w[expert of row] for 
                 weight gradient) over rows sorted by expert; works for every layout and skips the zero
                 rows past sum(group_sizes) (an expert-parallel receive buffer's padding). Mosaic on TPU,
                 Triton on GPU, chosen by the mesh devices' platform; interpreted on CPU (slow: tests only).
+                The SwiGLU FFN runs as pallas_kernels.swiglu_ffn: the activation and its gradient inside
+                the kernels (TPU), so the hidden activations and their gradient never reach HBM.
 """
 from __future__ import annotations
 
@@ -60,13 +62,17 @@ def _ragged_dot(rows, w, layout):
     return jax.lax.ragged_dot(rows, w.astype(rows.dtype), layout.group_sizes)
 
 
-def _pallas(rows, w, layout):
+def _pallas_weight(rows, w):
     """float32 weights under bfloat16 rows go to the kernels as they are (cast block by block in VMEM: no
     bfloat16 copy in HBM, float32 weight gradients), unless fsdp splits them: then they are cast first, so
     that their all-gather moves bfloat16 and the gathered copy kept for the backward pass is bfloat16."""
     if not (rows.dtype == jnp.bfloat16 and w.dtype == jnp.float32 and sharding.axis_size("fsdp") == 1):
         w = w.astype(rows.dtype)
-    return pallas_kernels.gmm(rows, w, layout.group_sizes)
+    return w
+
+
+def _pallas(rows, w, layout):
+    return pallas_kernels.gmm(rows, _pallas_weight(rows, w), layout.group_sizes)
 
 
 register_backend("einsum", _einsum)
@@ -127,6 +133,9 @@ def grouped_ffn(
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}; allowed: {tuple(BACKENDS)}")
     mm = BACKENDS[backend]
+    if backend == "pallas" and activation == "swiglu":  # fused kernels: the activation never reaches HBM
+        w = [_pallas_weight(rows, params[k]) for k in ("w_gate", "w_up", "w_down")]
+        return pallas_kernels.swiglu_ffn(rows, *w, layout.group_sizes)
     if backend == "pallas":  # one grouped matmul per input weight: no [E, d, 2 f] copy of the weights
         proj = [mm(rows, params[k], layout) for k in input_names(activation)]
     else:  # one wide matmul

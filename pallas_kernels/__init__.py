@@ -1,3 +1,3 @@
-"""Pallas kernels for moejax's expert compute: grouped matmul (gmm, tgmm) for TPU (Mosaic) and GPU
-(Triton), interpretable on CPU. No moejax imports."""
-from pallas_kernels.grouped_matmul import default_platform, default_tiling, gmm, tgmm  # noqa: F401
+"""Pallas kernels for moejax's expert compute: grouped matmul (gmm, tgmm) and the grouped SwiGLU FFN on fused
+kernels (swiglu_ffn) for TPU (Mosaic) and GPU (Triton), interpretable on CPU. No moejax imports."""
+from pallas_kernels.grouped_matmul import default_platform, default_tiling, gmm, swiglu_ffn, tgmm  # noqa: F401

@@ -7,7 +7,12 @@ rows are multiplied by that group's weights:
     tgmm(lhs [m, k], grad [m, n], group_sizes [G]) -> [G, k, n]   out[i] = lhs[rows of i]^T @ grad[rows of i]
 
 tgmm is gmm's weight gradient; both carry a custom VJP built from the pair, so any order of derivative
-works. Options:
+works. `swiglu_ffn(rows, w_gate, w_up, w_down, group_sizes)` is the grouped SwiGLU FFN on fused kernels
+(`activation.Fuse`): the down projection and its weight gradient multiply silu(gate) * up computed in VMEM
+(when their tiles keep the whole f; else XLA computes it), the down projection's input gradient comes out as
+(d gate, d up), and the second input-gradient matmul adds the first; first derivatives only. By the v5p
+estimate the DeepSeekMoE-16B-like layer's grouped FFN went 8.48 -> 7.87 ms (experiments/benchmarks/README.md).
+Options:
 - transpose_rhs: rhs is [G, n, k] and out[r] = lhs[r] @ rhs[i]^T (gmm's input gradient uses it).
 - group_offset (static or traced int): rhs holds only the G_local = rhs.shape[0] groups
   [group_offset, group_offset + G_local) of the G in group_sizes (an expert-parallel shard's experts). A
@@ -63,6 +68,7 @@ import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import gmm_gpu, gmm_tpu
+from pallas_kernels.activation import NO_FUSE, Fuse, swiglu, swiglu_grad
 from pallas_kernels.metadata import cdiv, group_metadata, vary_alike
 
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
@@ -83,9 +89,10 @@ class _Options:
 
 
 def default_tiling(platform: str, m: int, k: int, n: int, dtype, op: str = "gmm",
-                   out_dtype=None, rhs_dtype=None) -> tuple[int, int, int]:
+                   out_dtype=None, rhs_dtype=None, fuse: Fuse = NO_FUSE) -> tuple[int, int, int]:
     """(tm, tk, tn) by the rule in the module docstring, for op 'gmm' or 'tgmm' of shapes (m, k, n); dtype:
-    lhs's (and the other input's unless rhs_dtype says otherwise)."""
+    lhs's (and the other input's unless rhs_dtype says otherwise); fuse: the kernel's fusions (their blocks
+    count in VMEM)."""
     if platform == "gpu":
         return 128, 32 if jnp.dtype(dtype) == jnp.float32 else 64, 128
     in_bytes = jnp.dtype(dtype).itemsize
@@ -95,22 +102,25 @@ def default_tiling(platform: str, m: int, k: int, n: int, dtype, op: str = "gmm"
     for tk in [k] + [t for t in (2048, 1024, 512, 256, 128) if t < k]:  # whole k first: no re-fetch, no mask
         for split in range(1, cdiv(n, 128) + 1):  # then the widest n tiles of equal size (multiples of 128)
             tn = n if split == 1 else min(n, cdiv(cdiv(n, split), 128) * 128)
-            if _vmem_bytes((tm, tk, tn), in_bytes, out_bytes, op == "tgmm", rhs_bytes) <= DEFAULT_VMEM:
+            if _vmem_bytes((tm, tk, tn), in_bytes, out_bytes, op == "tgmm", rhs_bytes, fuse) <= DEFAULT_VMEM:
                 return tm, tk, tn
     return tm, min(k, 128), min(n, 128)
 
 
-def _vmem_bytes(tiling, in_bytes, out_bytes, tgmm: bool, rhs_bytes=None) -> int:
+def _vmem_bytes(tiling, in_bytes, out_bytes, tgmm: bool, rhs_bytes=None, fuse: Fuse = NO_FUSE) -> int:
     """Double-buffered input and output blocks and the float32 accumulator; rhs_bytes: the second input's
-    item size when it differs (gmm's float32 rhs under bfloat16 lhs)."""
+    item size when it differs (gmm's float32 rhs under bfloat16 lhs); fuse: a second lhs block and its
+    float32 activation (swiglu_in), [tm, tn] inputs (base, or gate and up) and a second output."""
     tm, tk, tn = tiling
     acc = tk * tn if tgmm else tm * tn
-    out = tk * tn if tgmm else tm * tn
+    out = (tk * tn if tgmm else tm * tn) * fuse.n_out
     second = (rhs_bytes or in_bytes) * (tm * tn if tgmm else tk * tn)
-    return 2 * (in_bytes * tm * tk + second + out_bytes * out) + 4 * acc
+    extra = in_bytes * tm * tn * fuse.n_extra
+    act = 4 * tm * tk if fuse.swiglu_in else 0
+    return 2 * (in_bytes * tm * tk * fuse.n_lhs + second + extra + out_bytes * out) + 4 * acc + act
 
 
-def _check_tiling(name, platform, tiling, dims, dtype, out_dtype, tgmm, rhs_dtype=None):
+def _check_tiling(name, platform, tiling, dims, dtype, out_dtype, tgmm, rhs_dtype=None, fuse: Fuse = NO_FUSE):
     """Mosaic blocks: each tile a multiple of the TPU tile (8 or 16 rows, 128 lanes) or the whole
     dimension, and the blocks fit VMEM_BUDGET. Triton blocks: powers of two, at least 16."""
     if len(tiling) != 3 or not all(isinstance(t, int) and t > 0 for t in tiling):
@@ -125,7 +135,7 @@ def _check_tiling(name, platform, tiling, dims, dtype, out_dtype, tgmm, rhs_dtyp
             raise ValueError(f"{name}: {what}={t} with that dimension {d}: a TPU tile must be a multiple of "
                              f"{align}, or cover the whole dimension (tiling={tiling})")
     need = _vmem_bytes(tiling, jnp.dtype(dtype).itemsize, jnp.dtype(out_dtype).itemsize, tgmm,
-                       jnp.dtype(rhs_dtype or dtype).itemsize)
+                       jnp.dtype(rhs_dtype or dtype).itemsize, fuse)
     if need > VMEM_BUDGET:
         raise ValueError(f"{name}: tiling={tiling} needs {need / 2**20:.1f} MiB of VMEM for shapes (m, k, n)="
                          f"{dims}; at most {VMEM_BUDGET // 2**20} MiB is allowed: use smaller tiles")
@@ -190,39 +200,52 @@ def _default_interpret():
     return pltpu.InterpretParams() if jax.sharding.get_abstract_mesh().manual_axes else True
 
 
-def _setup(o: _Options, platform: str, name: str, dims, dtype, tgmm: bool, rhs_dtype):
+def _setup(o: _Options, platform: str, name: str, dims, dtype, tgmm: bool, rhs_dtype, fuse: Fuse = NO_FUSE):
     """(kernel platform, interpret, tiling) for one call, the tiling checked."""
     kernel_platform = "tpu" if platform == "interpret" else platform
     interpret = o.interpret or (_default_interpret() if platform == "interpret" else False)
     op = "tgmm" if tgmm else "gmm"
     if kernel_platform == "gpu":
-        rhs_dtype = dtype  # the GPU kernel gets rhs cast to lhs's dtype
+        rhs_dtype, fuse = dtype, NO_FUSE  # the GPU kernel gets rhs cast to lhs's dtype, and no fusions
     if o.tiling is None:
-        tiling = default_tiling(kernel_platform, *dims, dtype, op, o.out_dtype, rhs_dtype)
+        tiling = default_tiling(kernel_platform, *dims, dtype, op, o.out_dtype, rhs_dtype, fuse)
     else:
         asked = tuple(o.tiling(op, *dims)) if callable(o.tiling) else o.tiling
-        _check_tiling(name, kernel_platform, asked, dims, dtype, o.out_dtype, tgmm, rhs_dtype)
+        _check_tiling(name, kernel_platform, asked, dims, dtype, o.out_dtype, tgmm, rhs_dtype, fuse)
         tiling = asked if kernel_platform == "gpu" else tuple(min(t, d) for t, d in zip(asked, dims))
-    _check_tiling(name, kernel_platform, tiling, dims, dtype, o.out_dtype, tgmm, rhs_dtype)
+    _check_tiling(name, kernel_platform, tiling, dims, dtype, o.out_dtype, tgmm, rhs_dtype, fuse)
     return kernel_platform, interpret, tiling
 
 
-def _impl(o: _Options, tgmm: bool, x, y, group_sizes, group_offset):
-    """gmm(lhs=x, rhs=y) or tgmm(lhs=x, grad=y) with the kernels of o.platform (default_platform())."""
+def _impl(o: _Options, tgmm: bool, x, y, group_sizes, group_offset, fuse: Fuse = NO_FUSE, extra=()):
+    """gmm(lhs=x, rhs=y) or tgmm(lhs=x, grad=y) with the kernels of o.platform (default_platform()), with the
+    fusions `fuse` (x: the pair (gate, up) under fuse.swiglu_in; extra: base, or (gate, up)). The Mosaic
+    kernels fuse them; around the Triton kernels they are computed by XLA."""
+    x0 = x[0] if fuse.swiglu_in else x
     n = y.shape[1] if tgmm or o.transpose_rhs else y.shape[2]
-    dims = (x.shape[0], x.shape[1], n)  # (m, k, n)
-    kp, interpret, tiling = _setup(o, o.platform or default_platform(), "tgmm" if tgmm else "gmm", dims, x.dtype,
-                                   tgmm, y.dtype)
+    dims = (x0.shape[0], x0.shape[1], n)  # (m, k, n)
+    kp, interpret, tiling = _setup(o, o.platform or default_platform(), "tgmm" if tgmm else "gmm", dims, x0.dtype,
+                                   tgmm, y.dtype, fuse)
     meta = group_metadata(group_sizes, dims[0], tiling[0], o.n_local, group_offset, visit_empty_groups=tgmm)
     if kp == "gpu":
-        kernels, kw = gmm_gpu, dict(num_warps=4, num_stages=3, interpret=interpret)
-        y = y.astype(x.dtype)
-    else:
-        need = _vmem_bytes(tiling, x.dtype.itemsize, jnp.dtype(o.out_dtype).itemsize, tgmm, y.dtype.itemsize)
-        kernels, kw = gmm_tpu, dict(vmem_limit=_vmem_limit(need), interpret=interpret)
+        kw = dict(num_warps=4, num_stages=3, interpret=interpret)
+        if fuse.swiglu_in:
+            x = swiglu(*x).astype(x0.dtype)
+        if tgmm:
+            return gmm_gpu.tgmm(x, y, meta, tiling, n_local=o.n_local, out_dtype=o.out_dtype, **kw)
+        out_dtype = jnp.float32 if fuse.base or fuse.swiglu_grad else o.out_dtype
+        out = gmm_gpu.gmm(x, y.astype(x0.dtype), meta, tiling, transpose_rhs=o.transpose_rhs, out_dtype=out_dtype,
+                          **kw)
+        if fuse.swiglu_grad:
+            return tuple(v.astype(o.out_dtype) for v in swiglu_grad(out, *extra))
+        return (out + extra[0].astype(jnp.float32)).astype(o.out_dtype) if fuse.base else out
+    need = _vmem_bytes(tiling, x0.dtype.itemsize, jnp.dtype(o.out_dtype).itemsize, tgmm, y.dtype.itemsize, fuse)
+    kw = dict(vmem_limit=_vmem_limit(need), interpret=interpret)
     if tgmm:
-        return kernels.tgmm(x, y, meta, tiling, n_local=o.n_local, out_dtype=o.out_dtype, **kw)
-    return kernels.gmm(x, y, meta, tiling, transpose_rhs=o.transpose_rhs, out_dtype=o.out_dtype, **kw)
+        return gmm_tpu.tgmm(x, y, meta, tiling, n_local=o.n_local, out_dtype=o.out_dtype, swiglu_in=fuse.swiglu_in,
+                            **kw)
+    return gmm_tpu.gmm(x, y, meta, tiling, transpose_rhs=o.transpose_rhs, out_dtype=o.out_dtype, fuse=fuse,
+                       extra=extra, **kw)
 
 
 def _no_grad(x):
@@ -287,3 +310,76 @@ def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, num_groups:
     o = _Options(False, n_local, jnp.dtype(preferred_element_type or lhs.dtype), tiling, _resolve(platform),
                  interpret)
     return _grouped(o, True, *vary_alike(lhs, grad, group_sizes, jnp.asarray(group_offset, jnp.int32)))
+
+
+def swiglu_ffn(rows: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, group_sizes: jax.Array, *,
+               group_offset: int | jax.Array = 0, tiling: Any = None, platform: str | None = None,
+               interpret: Any = False) -> jax.Array:
+    """Grouped SwiGLU FFN (Shazeer 2020): out[r] = (silu(x_r W_gate[i]) * (x_r W_up[i])) W_down[i] for the
+    rows r of group i, with fused kernels (`activation.Fuse`): the down projection multiplies silu(gate) * up
+    from the gate and up blocks (the hidden activations are never written), its input gradient returns
+    (d gate, d up) directly, and the two input-gradient matmuls of rows sum in one kernel's output. Against
+    gmm + XLA's activation this drops three passes over [m, f] arrays and one over [m, d] per step.
+    rows [m, d]; w_gate, w_up [G_local, d, f]; w_down [G_local, f, d]; dtypes, groups and options as in `gmm`
+    (a tiling tuple applies to the three forward kernels). Differentiable once: a custom VJP, three kernels
+    forward and six backward."""
+    G_local, d, f = w_gate.shape
+    for name, w, shape, d_axis in (("w_gate", w_gate, (G_local, d, f), 1), ("w_up", w_up, (G_local, d, f), 1),
+                                   ("w_down", w_down, (G_local, f, d), 2)):
+        _check("swiglu_ffn", rows, w, group_sizes, group_offset, d_axis)
+        if w.shape != shape:
+            raise ValueError(f"swiglu_ffn: {name} has shape {w.shape}; expected {shape} (from w_gate {w_gate.shape})")
+    o = _Options(False, G_local, jnp.dtype(rows.dtype), tiling, _resolve(platform), interpret)
+    return _swiglu(o, *vary_alike(rows, w_gate, w_up, w_down, group_sizes, jnp.asarray(group_offset, jnp.int32)))
+
+
+SWIGLU_IN, BASE, SWIGLU_GRAD = Fuse(swiglu_in=True), Fuse(base=True), Fuse(swiglu_grad=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _swiglu(o: _Options, x, w_gate, w_up, w_down, group_sizes, group_offset):
+    return _swiglu_fwd(o, x, w_gate, w_up, w_down, group_sizes, group_offset)[0]
+
+
+def _down_fused(o: _Options, gate, w_down) -> bool:
+    """Whether the down projection takes silu(gate) * up in its kernels: when its fused tiles keep the whole
+    contraction (tk = f). Otherwise the lhs blocks would be re-fetched, now twice (gate and up), at every k step
+    (Mixtral's f 14336: 57.9 -> 62.6 ms by the v5p estimate), so XLA computes h and the kernels read it."""
+    m, f = gate.shape
+    platform = o.platform or default_platform()
+    if platform == "gpu":
+        return False
+    return _setup(o, platform, "gmm", (m, f, w_down.shape[2]), gate.dtype, False, w_down.dtype, SWIGLU_IN)[2][1] >= f
+
+
+def _swiglu_fwd(o, x, w_gate, w_up, w_down, group_sizes, group_offset):
+    gate = _impl(o, False, x, w_gate, group_sizes, group_offset)  # [m, f]
+    up = _impl(o, False, x, w_up, group_sizes, group_offset)
+    if _down_fused(o, gate, w_down):
+        h, y = None, _impl(o, False, (gate, up), w_down, group_sizes, group_offset, SWIGLU_IN)  # [m, d]
+    else:
+        h = swiglu(gate, up).astype(x.dtype)
+        y = _impl(o, False, h, w_down, group_sizes, group_offset)
+    return y, (x, w_gate, w_up, w_down, gate, up, h, group_sizes, group_offset)
+
+
+def _swiglu_bwd(o, res, dy):
+    """dh = dy W_down^T turned into (d gate, d up) in the same kernel; d W_down = tgmm(silu(gate) * up, dy);
+    dx = d gate W_gate^T + d up W_up^T (the second matmul adds the first); d W_gate, d W_up by tgmm."""
+    x, w_gate, w_up, w_down, gate, up, h, gs, off = res
+    back = o if callable(o.tiling) else dataclasses.replace(o, tiling=None)
+    op = lambda transpose, out_dtype: dataclasses.replace(back, transpose_rhs=transpose, out_dtype=out_dtype)
+    dy = dy.astype(x.dtype)
+    d_gate, d_up = _impl(op(True, x.dtype), False, dy, w_down, gs, off, SWIGLU_GRAD, (gate, up))  # [m, f] each
+    if h is None:
+        dw_down = _impl(op(False, w_down.dtype), True, (gate, up), dy, gs, off, SWIGLU_IN)
+    else:
+        dw_down = _impl(op(False, w_down.dtype), True, h, dy, gs, off)
+    dx_gate = _impl(op(True, x.dtype), False, d_gate, w_gate, gs, off)
+    dx = _impl(op(True, x.dtype), False, d_up, w_up, gs, off, BASE, (dx_gate,))
+    dw_gate = _impl(op(False, w_gate.dtype), True, x, d_gate, gs, off)
+    dw_up = _impl(op(False, w_up.dtype), True, x, d_up, gs, off)
+    return dx, dw_gate, dw_up, dw_down, _no_grad(gs), _no_grad(off)
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

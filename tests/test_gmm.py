@@ -1,4 +1,5 @@
-"""Pallas grouped matmul (pallas_kernels.gmm / tgmm) against a per-group loop and jax.lax.ragged_dot.
+"""Pallas grouped matmul (pallas_kernels.gmm / tgmm) against a per-group loop and jax.lax.ragged_dot, and the
+fused grouped SwiGLU FFN (pallas_kernels.swiglu_ffn) against the loop's FFN.
 
 - TPU (Mosaic) kernels run on CPU in the TPU interpret mode (`pltpu.InterpretParams`; explicitly: the default
   on CPU is Pallas' discharge interpreter outside shard_map), whose uninitialised
@@ -6,7 +7,8 @@
   2 simulated cores; GPU (Triton) kernels run in Pallas interpret mode, and are lowered to Triton IR for
   CUDA (no GPU needed); on a machine with a GPU they also run on it.
 - Mosaic kernels are compiled ahead of time for v5e, v5p and v6e topologies (libtpu, no TPU) inside
-  shard_map at the DeepSeekMoE-16B and Mixtral-8x7B expert shapes: the lowering succeeds and fits VMEM.
+  shard_map at the DeepSeekMoE-16B and Mixtral-8x7B expert shapes (and swiglu_ffn at the 16B one): the
+  lowering succeeds and fits VMEM.
 Tolerances (tests/tolerances.py): F32 for float32 inputs, and for bfloat16 inputs with float32 output
 (products of bfloat16 numbers are exact in float32); BF16 for bfloat16 outputs.
 """
@@ -24,7 +26,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
-from pallas_kernels import grouped_matmul, metadata
+from pallas_kernels import activation, grouped_matmul, metadata
 from tests.tolerances import BF16, F32
 
 TPU_INTERPRET = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2)
@@ -177,6 +179,72 @@ def test_float32_weights_under_bfloat16_rows_equal_casting_them_first(kernel):
                                              sizes), **F32)
 
 
+def loop_swiglu(x, w_gate, w_up, w_down, sizes, offset=0):
+    """The SwiGLU FFN of each local group's rows (jax.nn.silu, jnp matmuls); rows of other groups are 0."""
+    gate, up = loop_gmm(x, w_gate, sizes, offset), loop_gmm(x, w_up, sizes, offset)
+    return loop_gmm(jax.nn.silu(gate) * up, w_down, sizes, offset)
+
+
+def swiglu_arrays(m, d, f, G, dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    w = lambda *shape: jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[1]), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(m, d)), dtype)
+    return x, w(G, d, f), w(G, d, f), w(G, f, d), jnp.asarray(rng.normal(size=(m, d)), jnp.float32)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+@pytest.mark.parametrize("offset", [0, 1])
+def test_swiglu_ffn_and_its_gradients_match_the_loop(kernel, offset):
+    """The fused SwiGLU FFN (three kernels forward, six backward, the activation and the sum of the input
+    gradients inside them) against silu(x W_gate) * (x W_up) W_down per group and its autodiff. offset 1:
+    an expert-parallel shard holding groups 1..3 of 5 (rows of groups 0 and 4 come out zero)."""
+    m, d, f, sizes = SHAPES["padded"]
+    G = 3 if offset else len(sizes)
+    x, wg, wu, wd, ct = swiglu_arrays(m, d, f, G)
+    platform, interpret, tiling = KERNELS[kernel]
+    interpret = pltpu.InterpretParams() if kernel == "tpu" else interpret  # races: test_tpu_interpreter_finds_no_races
+    gs = jnp.asarray(sizes, jnp.int32)
+    ours = lambda *a: pallas_kernels.swiglu_ffn(*a, gs, group_offset=offset, platform=platform,
+                                                interpret=interpret, tiling=tiling)
+    ref = lambda *a: loop_swiglu(*a, sizes, offset)
+    np.testing.assert_allclose(ours(x, wg, wu, wd), ref(x, wg, wu, wd), **F32)
+    got = jax.grad(lambda *a: jnp.sum(ours(*a) * ct), (0, 1, 2, 3))(x, wg, wu, wd)
+    want = jax.grad(lambda *a: jnp.sum(ref(*a) * ct), (0, 1, 2, 3))(x, wg, wu, wd)
+    for g, w, name in zip(got, want, ("d x", "d w_gate", "d w_up", "d w_down")):
+        np.testing.assert_allclose(g, w, **F32, err_msg=name)
+
+
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_swiglu_ffn_bfloat16_rows_with_float32_weights(kernel):
+    """Training's dtypes: bf16 rows, f32 weights (cast in VMEM on TPU): bf16 output and input gradient near the
+    float32 reference of the same operands, float32 weight gradients."""
+    m, d, f, sizes = SHAPES["over"]
+    x, wg, wu, wd, ct = swiglu_arrays(m, d, f, len(sizes), jnp.bfloat16)
+    platform, interpret, tiling = KERNELS[kernel]
+    interpret = pltpu.InterpretParams() if kernel == "tpu" else interpret
+    gs = jnp.asarray(sizes, jnp.int32)
+    ours = lambda *a: pallas_kernels.swiglu_ffn(*a, gs, platform=platform, interpret=interpret, tiling=tiling)
+    x32, w16 = x.astype(jnp.float32), [w.astype(jnp.bfloat16).astype(jnp.float32) for w in (wg, wu, wd)]
+    out = ours(x, wg, wu, wd)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), loop_swiglu(x32, *w16, sizes), **BF16)
+    got = jax.grad(lambda *a: jnp.sum(ours(*a).astype(jnp.float32) * ct), (0, 1, 2, 3))(x, wg, wu, wd)
+    want = jax.grad(lambda *a: jnp.sum(loop_swiglu(*a, sizes) * ct), (0, 1, 2, 3))(x32, *w16)
+    assert [g.dtype for g in got] == [jnp.bfloat16] + [jnp.float32] * 3
+    for g, w, name in zip(got, want, ("d x", "d w_gate", "d w_up", "d w_down")):
+        scale = float(jnp.abs(w).max())  # bf16 hidden activations: compare against the gradient's scale
+        np.testing.assert_allclose(g.astype(jnp.float32) / scale, w / scale, atol=3e-2, err_msg=name)
+
+
+def test_swiglu_ffn_names_a_weight_of_the_wrong_shape():
+    x, wg, wu, wd, _ = swiglu_arrays(64, 128, 96, 4)
+    gs = jnp.zeros((4,), jnp.int32)
+    with pytest.raises(ValueError, match=r"swiglu_ffn: w_down has shape \(4, 128, 128\); expected \(4, 96, 128\)"):
+        pallas_kernels.swiglu_ffn(x, wg, wu, jnp.zeros((4, 128, 128)), gs)
+    with pytest.raises(ValueError, match=r"swiglu_ffn: contraction sizes differ"):
+        pallas_kernels.swiglu_ffn(x[:, :64], wg, wu, wd, gs)
+
+
 def test_default_platform_interprets_on_cpu_and_uses_default_tiles():
     """platform=None: default_platform(), on CPU the TPU kernels interpreted: by Pallas' discharge interpreter,
     and inside shard_map (where that one does not run) in the TPU interpret mode."""
@@ -202,6 +270,11 @@ def test_tpu_interpreter_finds_no_races():
     m, k, n, sizes = SHAPES["padded"]
     lhs, rhs, ct = arrays(m, k, n, len(sizes))
     jax.grad(lambda x, w: jnp.sum(call_gmm("tpu", x, w, sizes) * ct), (0, 1))(lhs, rhs)
+    assert tpu_interpret.races is not None and not tpu_interpret.races.races_found
+    x, wg, wu, wd, ct = swiglu_arrays(m, k, n, len(sizes))  # the fused kernels
+    jax.grad(lambda *a: jnp.sum(pallas_kernels.swiglu_ffn(*a, jnp.asarray(sizes, jnp.int32), platform="tpu",
+                                                          interpret=TPU_INTERPRET, tiling=(32, 128, 128)) * ct),
+             (0, 1, 2, 3))(x, wg, wu, wd)
     assert tpu_interpret.races is not None, "the race detector did not run"
     assert not tpu_interpret.races.races_found
 
@@ -254,14 +327,14 @@ def test_callable_tiling_reaches_the_backward_kernels():
 # --- declared cost ----------------------------------------------------------------------------------
 
 
-def walk(in_specs, out_spec, grid, meta, v_axis, in_items, out_item):
+def walk(in_specs, out_specs, grid, meta, v_axis, in_items, out_items):
     """(bytes moved, MXU FLOPs) of a kernel's grid, counted from its own BlockSpecs: step by step in grid
-    order, an operand's block is fetched (the output's written back) whenever its index differs from the
+    order, an operand's block is fetched (an output's written back) whenever its index differs from the
     previous step's (Pallas TPU pipelining), and each step whose visit has COMPUTE multiplies whole blocks."""
     import itertools
     prefetch = tuple(np.asarray(a) for a in (meta.offsets, meta.tile, meta.group, meta.flags))
-    specs = [*in_specs, out_spec]
-    items = [*in_items, out_item]
+    specs = [*in_specs, *out_specs]
+    items = [*in_items, *out_items]
     prev = [None] * len(specs)
     moved = flops = 0
     for idx in itertools.product(*map(range, grid)):
@@ -272,16 +345,22 @@ def walk(in_specs, out_spec, grid, meta, v_axis, in_items, out_item):
                 prev[i] = block
         if prefetch[3][idx[v_axis]] & metadata.COMPUTE:
             flops += 2 * int(np.prod([b for b in in_specs[0].block_shape])) * int(
-                [b for b in out_spec.block_shape if b is not None][-1])
+                [b for b in out_specs[0].block_shape if b is not None][-1])
     return moved, flops
+
+
+FUSIONS = [activation.NO_FUSE, activation.Fuse(swiglu_in=True), activation.Fuse(base=True),
+           activation.Fuse(swiglu_grad=True)]
 
 
 @pytest.mark.parametrize("tiling", [(128, 256, 128), (128, 128, 128)])  # tiles_k = 1, tiles_k = 2
 @pytest.mark.parametrize("transpose, rhs_item", [(False, 2), (True, 2), (False, 4)])  # 4: float32 weights
-def test_declared_kernel_costs_match_their_index_maps(tiling, transpose, rhs_item):
-    """Each Mosaic kernel's CostEstimate (gmm_cost, tgmm_cost) equals the bytes and FLOPs counted by
-    walking its grid with its own index maps when every visit computes (every group boundary inside a
-    row tile: the declared case), and bounds them for other group sizes (empty groups, padding rows)."""
+@pytest.mark.parametrize("fuse", FUSIONS, ids=["plain", "swiglu_in", "base", "swiglu_grad"])
+def test_declared_kernel_costs_match_their_index_maps(tiling, transpose, rhs_item, fuse):
+    """Each Mosaic kernel's CostEstimate (gmm_cost, tgmm_cost), with each fusion of the SwiGLU FFN, equals the
+    bytes and FLOPs counted by walking its grid with its own index maps when every visit computes (every
+    group boundary inside a row tile: the declared case), and bounds them for other group sizes (empty
+    groups, padding rows)."""
     from pallas_kernels import gmm_tpu
 
     m, k, n = 1024, 256, 384
@@ -291,13 +370,17 @@ def test_declared_kernel_costs_match_their_index_maps(tiling, transpose, rhs_ite
         gs = jnp.asarray(sizes, jnp.int32)
         G = len(sizes)
         gmm_grid, tgmm_grid = grid_of(-(-m // tm) + G - 1)
-        cost = gmm_tpu.gmm_cost(m, k, n, G, tiling, 2, 4, rhs_item)
+        cost = gmm_tpu.gmm_cost(m, k, n, G, tiling, 2, 4, rhs_item, fuse)
         meta = metadata.group_metadata(gs, m, tm, G, visit_empty_groups=False)
-        got = walk(*gmm_tpu.gmm_specs(tiling, transpose), gmm_grid, meta, 1, (2, rhs_item), 4)
-        tcost = gmm_tpu.tgmm_cost(m, k, n, G, tiling, 2, 4)
-        tmeta = metadata.group_metadata(gs, m, tm, G, visit_empty_groups=True)
-        tgot = walk(*gmm_tpu.tgmm_specs(tiling), tgmm_grid, tmeta, 2, (2, 2), 4)
-        for (moved, flops), c in ((got, cost), (tgot, tcost)):
+        in_items = (2,) * fuse.n_lhs + (rhs_item,) + (2,) * fuse.n_extra
+        got = walk(*gmm_tpu.gmm_specs(tiling, transpose, fuse), gmm_grid, meta, 1, in_items, (4,) * fuse.n_out)
+        checks = [(got, cost)]
+        if fuse in (activation.NO_FUSE, activation.Fuse(swiglu_in=True)):  # tgmm takes swiglu_in only
+            tcost = gmm_tpu.tgmm_cost(m, k, n, G, tiling, 2, 4, fuse.swiglu_in)
+            tmeta = metadata.group_metadata(gs, m, tm, G, visit_empty_groups=True)
+            in_specs, out_spec = gmm_tpu.tgmm_specs(tiling, fuse.n_lhs)
+            checks.append((walk(in_specs, [out_spec], tgmm_grid, tmeta, 2, (2,) * (fuse.n_lhs + 1), (4,)), tcost))
+        for (moved, flops), c in checks:
             if exact:
                 assert (moved, flops) == (c.bytes_accessed, c.flops)
             else:
@@ -474,3 +557,20 @@ def test_mosaic_kernels_compile_for_tpu_topologies(topology):
         cost = cost[0] if isinstance(cost, list) else cost
         assert cost["flops"] == pytest.approx(declared_flops(m, k, n, E // D, w_dtype=w_dtype), rel=0.01), name
         assert 1.0 < cost["flops"] / (3 * 2 * m * k * n) < 1.25, name  # whole blocks at group boundaries
+    # the fused SwiGLU FFN at DeepSeekMoE-16B's expert shape (its kernels with fusions must fit VMEM too)
+    m, d, f, E, D = 16384 * 6 // 4, 2048, 1408, 64, 4
+
+    def ffn_step(x, wg, wu, wd, gs):
+        offset = jax.lax.axis_index("expert") * (E // D)
+        loss = lambda *a: pallas_kernels.swiglu_ffn(*a, gs, group_offset=offset).astype(jnp.float32).sum()
+        return jax.value_and_grad(loss, (0, 1, 2, 3))(x, wg, wu, wd)
+
+    run = jax.shard_map(ffn_step, mesh=mesh, in_specs=(P(),) + (P("expert"),) * 3 + (P(),),
+                        out_specs=(P(), (P(),) + (P("expert"),) * 3), check_vma=False)
+    w = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    with jax.default_matmul_precision("default"):
+        compiled = jax.jit(run).trace(jax.ShapeDtypeStruct((m, d), jnp.bfloat16), w(E, d, f), w(E, d, f),
+                                      w(E, f, d), jax.ShapeDtypeStruct((E,), jnp.int32)).lower().compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    assert 1.0 < cost["flops"] / (9 * 2 * m * d * f) < 1.25  # nine kernels, whole blocks at group boundaries

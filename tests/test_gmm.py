@@ -193,16 +193,21 @@ def swiglu_arrays(m, d, f, G, dtype=jnp.float32, seed=0):
 
 
 @pytest.mark.parametrize("kernel", list(KERNELS))
-@pytest.mark.parametrize("offset", [0, 1])
-def test_swiglu_ffn_and_its_gradients_match_the_loop(kernel, offset):
+@pytest.mark.parametrize("offset, tk", [(0, 256), (1, 128)])
+def test_swiglu_ffn_and_its_gradients_match_the_loop(kernel, offset, tk):
     """The fused SwiGLU FFN (three kernels forward, six backward, the activation and the sum of the input
     gradients inside them) against silu(x W_gate) * (x W_up) W_down per group and its autodiff. offset 1:
-    an expert-parallel shard holding groups 1..3 of 5 (rows of groups 0 and 4 come out zero)."""
+    an expert-parallel shard holding groups 1..3 of 5 (rows of groups 0 and 4 come out zero). TPU tiles with
+    tk 256 keep the whole f (150), so the down projection takes (gate, up) in its kernels; with tk 128 XLA
+    computes the activation and the kernels read it (grouped_matmul._down_fused)."""
     m, d, f, sizes = SHAPES["padded"]
     G = 3 if offset else len(sizes)
     x, wg, wu, wd, ct = swiglu_arrays(m, d, f, G)
     platform, interpret, tiling = KERNELS[kernel]
-    interpret = pltpu.InterpretParams() if kernel == "tpu" else interpret  # races: test_tpu_interpreter_finds_no_races
+    if kernel == "tpu":
+        interpret, tiling = pltpu.InterpretParams(), (32, tk, 128)  # races: test_tpu_interpreter_finds_no_races
+        o = grouped_matmul._Options(False, G, x.dtype, tiling, platform, interpret)
+        assert grouped_matmul._down_fused(o, jnp.zeros((m, f)), wd) == (tk >= f)
     gs = jnp.asarray(sizes, jnp.int32)
     ours = lambda *a: pallas_kernels.swiglu_ffn(*a, gs, group_offset=offset, platform=platform,
                                                 interpret=interpret, tiling=tiling)
@@ -271,9 +276,9 @@ def test_tpu_interpreter_finds_no_races():
     lhs, rhs, ct = arrays(m, k, n, len(sizes))
     jax.grad(lambda x, w: jnp.sum(call_gmm("tpu", x, w, sizes) * ct), (0, 1))(lhs, rhs)
     assert tpu_interpret.races is not None and not tpu_interpret.races.races_found
-    x, wg, wu, wd, ct = swiglu_arrays(m, k, n, len(sizes))  # the fused kernels
+    x, wg, wu, wd, ct = swiglu_arrays(m, k, n, len(sizes))  # the fused kernels (tk 256 >= f 150: all fusions)
     jax.grad(lambda *a: jnp.sum(pallas_kernels.swiglu_ffn(*a, jnp.asarray(sizes, jnp.int32), platform="tpu",
-                                                          interpret=TPU_INTERPRET, tiling=(32, 128, 128)) * ct),
+                                                          interpret=TPU_INTERPRET, tiling=(32, 256, 128)) * ct),
              (0, 1, 2, 3))(x, wg, wu, wd)
     assert tpu_interpret.races is not None, "the race detector did not run"
     assert not tpu_interpret.races.races_found

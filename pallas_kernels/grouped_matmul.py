@@ -319,7 +319,8 @@ def swiglu_ffn(rows: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.
     rows r of group i, with fused kernels (`activation.Fuse`): the down projection multiplies silu(gate) * up
     from the gate and up blocks (the hidden activations are never written), its input gradient returns
     (d gate, d up) directly, and the two input-gradient matmuls of rows sum in one kernel's output. Against
-    gmm + XLA's activation this drops three passes over [m, f] arrays and one over [m, d] per step.
+    gmm + XLA's activation this drops the activation's passes over the [m, f] arrays (forward and backward)
+    and the sum of two [m, d] outputs.
     rows [m, d]; w_gate, w_up [G_local, d, f]; w_down [G_local, f, d]; dtypes, groups and options as in `gmm`
     (a tiling tuple applies to the three forward kernels). Differentiable once: a custom VJP, three kernels
     forward and six backward."""

@@ -555,17 +555,24 @@ def test_gated_shared_expert_of_any_width():
 
 
 def test_pallas_backend_casts_float32_weights_first_only_under_fsdp(monkeypatch):
-    """bf16 rows with f32 weights: the weights reach pallas_kernels.gmm in f32 (cast in the kernel) without
-    fsdp, and in bf16 when fsdp splits them (the all-gather then moves bf16)."""
+    """bf16 rows with f32 weights: the weights reach pallas_kernels.gmm (gelu) and swiglu_ffn (swiglu) in f32
+    (cast in the kernel) without fsdp, and in bf16 when fsdp splits them (the all-gather then moves bf16)."""
     from moejax import sharding
 
     seen = []
     monkeypatch.setattr(experts.pallas_kernels, "gmm",
                         lambda rows, w, sizes: seen.append(w.dtype) or jnp.zeros((rows.shape[0], w.shape[2]), rows.dtype))
+    monkeypatch.setattr(experts.pallas_kernels, "swiglu_ffn",
+                        lambda rows, *ws_sizes: seen.append(tuple(w.dtype for w in ws_sizes[:3])) or rows)
     layout = dataclasses.make_dataclass("L", ["group_sizes"])(jnp.zeros((4,), jnp.int32))
     rows, w = jnp.zeros((8, 16), jnp.bfloat16), jnp.zeros((4, 16, 32), jnp.float32)
+    params = {"w_gate": w, "w_up": w, "w_down": jnp.zeros((4, 32, 16), jnp.float32)}
+    ffn = lambda rows: experts.grouped_ffn(rows, params, layout, "swiglu", "pallas")
     experts._pallas(rows, w, layout)
+    ffn(rows)
     experts._pallas(rows.astype(jnp.float32), w.astype(jnp.bfloat16), layout)
     with sharding.use(sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=2), jax.devices()[:2])):
         experts._pallas(rows, w, layout)
-    assert seen == [jnp.float32, jnp.float32, jnp.bfloat16]
+        ffn(rows)
+    f32, bf16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
+    assert seen == [f32, (f32,) * 3, f32, bf16, (bf16,) * 3]

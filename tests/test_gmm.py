@@ -237,8 +237,10 @@ def test_swiglu_ffn_bfloat16_rows_with_float32_weights(kernel):
     want = jax.grad(lambda *a: jnp.sum(loop_swiglu(*a, sizes) * ct), (0, 1, 2, 3))(x32, *w16)
     assert [g.dtype for g in got] == [jnp.bfloat16] + [jnp.float32] * 3
     for g, w, name in zip(got, want, ("d x", "d w_gate", "d w_up", "d w_down")):
-        scale = float(jnp.abs(w).max())  # bf16 hidden activations: compare against the gradient's scale
-        np.testing.assert_allclose(g.astype(jnp.float32) / scale, w / scale, atol=3e-2, err_msg=name)
+        # bf16 gate, up and hidden activations and a bf16 d x: errors relative to the gradient's largest entry,
+        # within BF16's atol (measured at most 0.008 over 3 seeds, both kernels)
+        scale = float(jnp.abs(w).max())
+        np.testing.assert_allclose(g.astype(jnp.float32) / scale, w / scale, atol=BF16["atol"], rtol=0, err_msg=name)
 
 
 def test_swiglu_ffn_names_a_weight_of_the_wrong_shape():

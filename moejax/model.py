@@ -45,6 +45,7 @@ class Block(nnx.Module):
     """Pre-norm transformer block: x + Attn(norm(x)); x + FFN(norm(x)) with a dense or MoE FFN."""
 
     def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
+        self.remat_attention = config.remat and not config.remat_ffn  # else the whole block's or none
         self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.attn = attention_lib.make(config, rngs)
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
@@ -52,7 +53,10 @@ class Block(nnx.Module):
 
     def ffn_input(self, x, ctx: Context):
         """(h = x + Attn(norm(x)) [B, S, d], the FFN's (and router's) input norm(h))."""
-        h = x + self.attn(self.attn_norm(x), ctx.positions, ctx.segment_ids)
+        attend = lambda attn, u, positions, segment_ids: attn(u, positions, segment_ids)
+        if self.remat_attention:  # keep only the sublayer's input for the backward pass
+            attend = nnx.remat(attend)
+        h = x + attend(self.attn, self.attn_norm(x), ctx.positions, ctx.segment_ids)
         return h, self.ffn_norm(h)
 
     def __call__(self, x, ctx: Context):
@@ -182,7 +186,7 @@ class Transformer(nnx.Module):
         keys = jax.random.split(key, c.n_layers) if train else None
         stats = []
         call = lambda block, *args: block(*args)
-        if c.remat:  # keep only each block's input for the backward pass
+        if c.remat and c.remat_ffn:  # keep only each block's input for the backward pass (else: Block)
             call = nnx.remat(call)
         for layer, block in enumerate(self.blocks):
             x, s = call(block, x, dataclasses.replace(ctx, key=keys[layer] if train else None))
@@ -204,7 +208,7 @@ class Transformer(nnx.Module):
             y, stats = nnx.merge(graphdef, layer_state)(x, dataclasses.replace(ctx, key=key))
             return sharding.constrain(y, ACT), stats
 
-        if self.config.remat:  # keep only each layer's input for the backward pass
+        if self.config.remat and self.config.remat_ffn:  # keep only each layer's input for the backward pass
             body = jax.checkpoint(body)
         return jax.lax.scan(body, x, (state, keys))
 

@@ -275,10 +275,14 @@ class ModelConfig:
     kv_lora_rank: int = 0  # mla: width of the key/value latent
     rope_head_dim: int = 0  # mla: rotary width r of queries and the shared key (head_dim: the rest)
     v_head_dim: int = 0  # mla: width of a value head; 0 = head width
+    attention_chunk: int = 1024  # causal attention by blocks of this many queries, each over the keys up to its
+    #   last (the masked blocks above the diagonal never computed: moejax.attention.attend); 0: one block
     tie_embeddings: bool = True
     dtype: str = "float32"
     init_std: float = 0.0  # > 0: every weight N(0, init_std) (DeepSeekMoE: 0.006); 0: fan-in, embeddings N(0, 1)
     remat: bool = False  # recompute each block's activations in the backward pass (jax.checkpoint)
+    remat_ffn: bool = True  # with remat: the FFN's activations recomputed too; False: only the attention
+    #   sublayer's (the FFN's kept: more memory, one FFN forward pass fewer)
     scan_layers: bool = False  # the layers from first_k_dense on as one jax.lax.scan (see Transformer)
 
     def __post_init__(self):
@@ -297,6 +301,7 @@ class ModelConfig:
             "n_kv_heads", self.n_kv_heads, f"0 (= n_heads) or a divisor of n_heads={self.n_heads}")
         req(self.qk_norm in ("none", "head", "full"), "qk_norm", self.qk_norm, "('none', 'head', 'full')")
         req(self.norm_eps > 0, "norm_eps", self.norm_eps, "> 0")
+        req(self.attention_chunk >= 0, "attention_chunk", self.attention_chunk, "an integer >= 0 (0 = one block)")
         self._check_attention(req)
         req(self.moe.d_model == self.d_model, "moe.d_model", self.moe.d_model, f"d_model={self.d_model}")
         req(0 <= self.first_k_dense <= self.n_layers, "first_k_dense", self.first_k_dense,
@@ -305,6 +310,8 @@ class ModelConfig:
         req(self.rope_base > 0, "rope_base", self.rope_base, "> 0")
         req(self.init_std >= 0, "init_std", self.init_std, ">= 0 (0 = fan-in scaled)")
         req(self.dtype in ("float32", "bfloat16"), "dtype", self.dtype, "('float32', 'bfloat16')")
+        for name in ("remat", "remat_ffn"):
+            req(isinstance(getattr(self, name), bool), name, getattr(self, name), "True or False")
         req(not self.scan_layers or self.moe_every == 1, "scan_layers", self.scan_layers,
             f"False with moe_every={self.moe_every} (scanned layers must all be alike: moe_every=1)")
 

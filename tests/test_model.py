@@ -58,14 +58,16 @@ def test_routes_are_the_routing_the_forward_pass_uses():
         np.testing.assert_array_equal(counts, s.load)
 
 
-@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("remat", [False, True, "attention"])
 def test_scanned_layers_equal_the_unrolled_model(remat):
     """scan_layers: the same logits, stats, routes, gradients and aux-free bias updates as the unrolled
     model holding the same weights (each stacked slice copied into its layer); the dense first layer stays
-    unrolled; stacked weights carry a leading unsplit axis in their `axes` metadata."""
+    unrolled; stacked weights carry a leading unsplit axis in their `axes` metadata. 'attention': the
+    scanned model recomputes only its attention sublayers (remat_ffn=False), the unrolled model nothing."""
     mcfg = model_config.deepseekmoe(D, 32, n_experts=4, top_k=2, m=2, n_shared=1, aux_free_bias=True)
-    scanned = make(n_layers=4, first_k_dense=1, moe_cfg=mcfg, scan_layers=True, remat=remat)
-    unrolled = make(n_layers=4, first_k_dense=1, moe_cfg=mcfg, remat=remat)
+    scanned = make(n_layers=4, first_k_dense=1, moe_cfg=mcfg, scan_layers=True, remat=bool(remat),
+                   remat_ffn=remat != "attention")
+    unrolled = make(n_layers=4, first_k_dense=1, moe_cfg=mcfg, remat=remat is True)
     assert len(scanned.blocks) == 1 and scanned.n_scanned == 3
     assert scanned.scanned.ffn.experts["w_up"].get_metadata()["axes"][0] is None
     assert scanned.scanned.ffn.bias[...].shape == (3, 7)
@@ -105,6 +107,52 @@ def test_scanned_layers_equal_the_unrolled_model(remat):
         np.testing.assert_allclose(scanned.scanned.ffn.bias[...][l], unrolled.blocks[l + 1].ffn.bias[...], **F32)
 
 
+def _remat_bodies(jaxpr) -> list[set]:
+    """The primitives inside each jax.checkpoint (remat) of a jaxpr, nested ones included."""
+    from jax._src import core as jax_core
+
+    def subs(eqn):
+        for v in eqn.params.values():
+            for x in v if isinstance(v, (list, tuple)) else [v]:
+                if isinstance(x, (jax_core.Jaxpr, jax_core.ClosedJaxpr)):
+                    yield getattr(x, "jaxpr", x)
+
+    def names(j, out):
+        for e in j.eqns:
+            out.add(e.primitive.name)
+            for sub in subs(e):
+                names(sub, out)
+        return out
+
+    def walk(j, found):
+        for e in j.eqns:
+            if e.primitive.name in ("checkpoint", "remat2"):
+                found.append(set().union(*(names(sub, set()) for sub in subs(e))))
+            for sub in subs(e):
+                walk(sub, found)
+        return found
+    return walk(jaxpr, [])
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_remat_ffn_false_recomputes_only_the_attention(scan_layers):
+    """remat with remat_ffn=False: one jax.checkpoint per block (the dense first block's and the MoE
+    blocks', unrolled or scanned) holding the attention (dot_general) but not the MoE layer's routing
+    (top_k); remat_ffn=True: the MoE block's holds the routing too. Values: the test above."""
+    t = tokens()
+    for remat_ffn in (True, False):
+        graphdef, params = nnx.split(make(n_layers=3 if scan_layers else 2, first_k_dense=1, remat=True,
+                                          remat_ffn=remat_ffn, scan_layers=scan_layers))
+
+        def loss(p):
+            logits, stats = nnx.merge(graphdef, p)(t)
+            return jnp.mean(logits ** 2) + sum(s.loss for s in stats)
+
+        bodies = _remat_bodies(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+        assert len(bodies) == 2 and all("dot_general" in b for b in bodies)
+        assert sum("top_k" in b for b in bodies) == (1 if remat_ffn else 0), bodies
+
+
 def test_scan_layers_needs_alike_layers():
     with pytest.raises(ValueError, match="scan_layers.*moe_every=2"):
         make(n_layers=4, moe_every=2, scan_layers=True)
@@ -132,6 +180,24 @@ def test_packed_documents_match_separate_runs():
     second, _ = forward(m, t[:, 4:])
     np.testing.assert_allclose(packed[:, :4], first, **F32)
     np.testing.assert_allclose(packed[:, 4:], second, **F32)
+
+
+def test_query_blocks_give_the_same_values_and_gradients():
+    """attention_chunk (moejax.attention.attend): causal attention by blocks of queries, each over the keys up
+    to its last, equals one block in values and in the gradients w.r.t. x and every weight, for multi-head
+    and latent attention, with packed documents (segment ids) and blocks that do not divide S."""
+    x = jax.random.normal(jax.random.PRNGKey(5), (2, 10, D))
+    pos = jnp.array([list(range(10)), list(range(3)) + list(range(7))])
+    seg = jnp.array([[1] * 10, [1] * 3 + [2] * 7])
+    for kw in (dict(n_kv_heads=2), dict(attention="mla", kv_lora_rank=12, rope_head_dim=4, head_dim=6)):
+        def value_and_grads(chunk):
+            cfg = M.ModelConfig(V, D, 1, H, model_config.dense(D, 32), attention_chunk=chunk, **kw)
+            graphdef, params = nnx.split(A.make(cfg, nnx.Rngs(3)))
+            loss = lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(x, pos, seg)))
+            return jax.jit(jax.value_and_grad(loss, (0, 1)))(params, x)
+        one = value_and_grads(0)
+        for chunk in (3, 4):
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **F32), value_and_grads(chunk), one)
 
 
 def test_rope_depends_only_on_relative_position():
@@ -173,14 +239,15 @@ def loop_attention(attn, cfg, x, pos):
     return np.einsum("shk,hkd->sd", out, wo)
 
 
-@pytest.mark.parametrize("config_kw", [{}, dict(n_kv_heads=2), dict(n_kv_heads=1, head_dim=6),
-                                       dict(n_kv_heads=2, qk_norm="head", qkv_bias=True),
+@pytest.mark.parametrize("config_kw", [{}, dict(n_kv_heads=2, attention_chunk=4), dict(n_kv_heads=1, head_dim=6),
+                                       dict(n_kv_heads=2, qk_norm="head", qkv_bias=True, attention_chunk=2),
                                        dict(qk_norm="full", head_dim=16)],
-                         ids=["mha", "gqa", "mqa_head_dim", "gqa_head_norm_bias", "full_norm_head_dim"])
+                         ids=["mha", "gqa_chunk4", "mqa_head_dim", "gqa_head_norm_bias_chunk2", "full_norm_head_dim"])
 def test_attention_matches_loop_reference(config_kw):
     """Multi-head, grouped-query (2 and 1 key/value heads), a head width other than d / H, per-head and
     whole query/key norms, q/k/v biases: each against the loop reference. Norm scales and biases are drawn
-    away from their initial 1 and 0 so that the test sees them."""
+    away from their initial 1 and 0 so that the test sees them. Two cases take the queries in blocks
+    (attention_chunk 4 of S 6: blocks of 4 and 2 queries; 2: three blocks)."""
     attn, cfg = attention(config_kw)
     assert attn.wq.shape == (D, H, cfg.head_width) and attn.wkv.shape == (D, 2, cfg.kv_heads, cfg.head_width)
     keys = iter(jax.random.split(jax.random.PRNGKey(9), 4))
@@ -207,7 +274,8 @@ def test_latent_attention_matches_loop_reference(q_lora_rank):
     channels scaled by (h + r)^-1/2 times YaRN's mscale^2."""
     yarn = dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=4, mscale=1.0, mscale_all_dim=0.8)
     cfg = M.ModelConfig(V, D, 1, H, model_config.dense(D, 32), attention="mla", kv_lora_rank=12, rope_head_dim=4,
-                        v_head_dim=6, head_dim=5, q_lora_rank=q_lora_rank, rope_scaling=yarn)
+                        v_head_dim=6, head_dim=5, q_lora_rank=q_lora_rank, rope_scaling=yarn,
+                        attention_chunk=3 if q_lora_rank else 0)  # query blocks of 3, 3 and 1
     attn = A.make(cfg, nnx.Rngs(2))
     for norm in [attn.kv_norm] + ([attn.q_norm] if q_lora_rank else []):
         norm.scale[...] = 1 + 0.5 * jax.random.normal(jax.random.PRNGKey(7), norm.scale.shape)
@@ -335,6 +403,8 @@ INVALID = {
     "odd_head_dim": (dict(head_dim=7), "head_dim", "7"),
     "unknown_qk_norm": (dict(qk_norm="layer"), "qk_norm", "'layer'"),
     "norm_eps_zero": (dict(norm_eps=0.0), "norm_eps", "0.0"),
+    "remat_not_bool": (dict(remat="attention"), "remat", "'attention'"),
+    "attention_chunk_negative": (dict(attention_chunk=-1), "attention_chunk", "-1"),
     "unknown_attention": (dict(attention="mqa"), "attention", "'mqa'"),
     "mla_without_latent": (dict(attention="mla", rope_head_dim=4), "kv_lora_rank", "0"),
     "mla_odd_rope_width": (dict(attention="mla", kv_lora_rank=8, rope_head_dim=3), "rope_head_dim", "3"),

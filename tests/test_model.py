@@ -134,15 +134,14 @@ def _remat_bodies(jaxpr) -> list[set]:
     return walk(jaxpr, [])
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
-def test_remat_ffn_false_recomputes_only_the_attention(scan_layers):
-    """remat with remat_ffn=False: one jax.checkpoint per block (the dense first block's and the MoE
-    blocks', unrolled or scanned) holding the attention (dot_general) but not the MoE layer's routing
-    (top_k); remat_ffn=True: the MoE block's holds the routing too. Values: the test above."""
+def test_remat_ffn_false_recomputes_only_the_attention():
+    """remat with remat_ffn=False: one jax.checkpoint per block (the unrolled dense first block's, the
+    scanned MoE blocks') holding the attention (dot_general) but not the MoE layer's routing (top_k);
+    remat_ffn=True: the MoE blocks' holds the routing too. Values: the test above."""
     t = tokens()
     for remat_ffn in (True, False):
-        graphdef, params = nnx.split(make(n_layers=3 if scan_layers else 2, first_k_dense=1, remat=True,
-                                          remat_ffn=remat_ffn, scan_layers=scan_layers))
+        graphdef, params = nnx.split(make(n_layers=3, first_k_dense=1, remat=True, remat_ffn=remat_ffn,
+                                          scan_layers=True))
 
         def loss(p):
             logits, stats = nnx.merge(graphdef, p)(t)
@@ -185,7 +184,7 @@ def test_packed_documents_match_separate_runs():
 def test_query_blocks_give_the_same_values_and_gradients():
     """attention_chunk (moejax.attention.attend): causal attention by blocks of queries, each over the keys up
     to its last, equals one block in values and in the gradients w.r.t. x and every weight, for multi-head
-    and latent attention, with packed documents (segment ids) and blocks that do not divide S."""
+    and latent attention, with packed documents (segment ids) and blocks that do not divide S (3, 3, 3, 1)."""
     x = jax.random.normal(jax.random.PRNGKey(5), (2, 10, D))
     pos = jnp.array([list(range(10)), list(range(3)) + list(range(7))])
     seg = jnp.array([[1] * 10, [1] * 3 + [2] * 7])
@@ -195,9 +194,7 @@ def test_query_blocks_give_the_same_values_and_gradients():
             graphdef, params = nnx.split(A.make(cfg, nnx.Rngs(3)))
             loss = lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(x, pos, seg)))
             return jax.jit(jax.value_and_grad(loss, (0, 1)))(params, x)
-        one = value_and_grads(0)
-        for chunk in (3, 4):
-            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **F32), value_and_grads(chunk), one)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **F32), value_and_grads(3), value_and_grads(0))
 
 
 def test_rope_depends_only_on_relative_position():

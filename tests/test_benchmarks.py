@@ -151,8 +151,9 @@ def test_data_memory_quick(tmp_path):
 
 def test_tpu_estimate_quick(tmp_path):
     """Smoke test of experiments/benchmarks/tpu_estimate.py (libtpu, no TPU): the dense FFN and the MoE layer
-    (Pallas and ragged_dot experts) compile for one v5p chip and the compiler prices each of them (a
-    positive estimate: a scatter in the layer would make it negative, see the benchmark's README section)."""
+    (Pallas and ragged_dot experts) and the attention sublayer (one block of queries, 4 blocks) compile for one
+    v5p chip and the compiler prices each of them (a positive estimate: a scatter in the layer would make it
+    negative, see the benchmark's README section)."""
     import importlib.util
 
     import pytest
@@ -161,9 +162,9 @@ def test_tpu_estimate_quick(tmp_path):
     from experiments.benchmarks import tpu_estimate
 
     out = tmp_path / "rows.json"
-    tpu_estimate.main(["--quick", "--json", str(out)])
+    tpu_estimate.main(["--quick", "--attention", "--json", str(out)])
     rows = json.loads(out.read_text())
-    assert [r["variant"] for r in rows] == ["dense", "auto", "ragged_dot"]
+    assert [r["variant"] for r in rows] == ["dense", "auto", "ragged_dot", "attention chunk=0", "attention chunk=64"]
     for r in rows:
         assert r["gen"] == "v5p" and r["est_ms"] > 0 and r["bytes_accessed_gb"] > 0 and 0 < r["mfu"] < 1, r
     assert rows[0]["ratio_to_dense"] == 1.0 and rows[1]["ratio_to_dense"] > 1.0

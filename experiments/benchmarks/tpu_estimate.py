@@ -13,8 +13,11 @@ baseline of every ratio), and reads:
 - temp MiB: memory_analysis().temp_size_in_bytes;
 - TFLOP/s: the step's useful FLOPs (6 x 2 x (n d f) x T K for the experts, 6 x 2 x d E x T for the
   router: forward 2, backward 4) / est seconds, and the same over the chip's bf16 peak (MFU).
+--attention adds the causal attention sublayer (moejax.attention, HEADS per shape) forward + backward with
+one block of queries and with model.attention_chunk 1024 (the ratio column is then to one block; TFLOP/s
+count the lower triangle's scores only).
 --step adds the whole DeepSeekMoE-16B training step (configs/deepseekmoe_16b.py, layers unrolled so that
-the compiler counts each) on v5p:4x4x4 through moejax.aot (compile ~7 min and ~11 GiB on 2 CPU cores):
+the compiler counts each) on v5p:4x4x4 through moejax.aot (compile 8-12 min and ~13 GiB on 2 CPU cores):
 estimated step seconds (XLA counts the grad_accum scan body once, so the estimate is grad_accum x the
 count, like aot's FLOPs) and MFU = analytic model FLOPs per chip (6 N + attention) / (est seconds x peak).
 
@@ -53,6 +56,7 @@ SHAPES = (
 )
 QUICK_SHAPES = (Shape("16b-quick", B=1, S=256, d=256, E=16, K=4, f=128),)
 VARIANTS = ("auto", "ragged_dot")
+HEADS = {"16b": (16, 16), "mixtral": (32, 8), "16b-quick": (2, 2)}  # (query heads, key/value heads) per shape
 
 
 def layer_config(shape: Shape, backend: str | None) -> model_config.MoEConfig:
@@ -128,6 +132,53 @@ def layer_rows(gens, shapes, variants, log=print) -> list[dict]:
     return rows
 
 
+def attention_flops(shape: Shape) -> float:
+    """Forward + backward FLOPs of causal attention's useful work: the q, k, v, o projections and the scores
+    and weighted values of the lower triangle (S^2 / 2 pairs per head), x 3 (forward, two gradients)."""
+    H, G = HEADS[shape.name]
+    h = shape.d // H
+    proj = 2 * shape.T * shape.d * h * (2 * H + 2 * G)
+    core = 2 * 2 * shape.B * shape.S**2 / 2 * H * h
+    return 3 * (proj + core)
+
+
+def attention_rows(gens, shapes, log=print) -> list[dict]:
+    """The attention sublayer (moejax.attention.Attention, causal, bf16) forward + backward at each shape's
+    B, S, d and HEADS, with one block of queries and with model.attention_chunk 1024 (the default; S / 4 for a
+    shorter S); ratio to one block."""
+    from moejax import attention as attention_lib
+
+    rows = []
+    for gen in gens:
+        mesh = one_chip(gen)
+        for shape in shapes:
+            base = None
+            for chunk in (0, min(1024, shape.S // 4)):  # one block of queries; the default's (quick: 4 blocks)
+                H, G = HEADS[shape.name]
+                cfg = model_config.ModelConfig(1, shape.d, 1, H, model_config.dense(shape.d, shape.f),
+                                               n_kv_heads=G, attention_chunk=chunk, max_len=shape.S)
+                graphdef, params = nnx.split(nnx.eval_shape(lambda: attention_lib.make(cfg, nnx.Rngs(0))))
+
+                def loss(params, x):
+                    positions = jnp.broadcast_to(jnp.arange(shape.S), (shape.B, shape.S))
+                    return jnp.sum(nnx.merge(graphdef, params)(x, positions).astype(jnp.float32))
+
+                t0 = time.perf_counter()
+                x = jax.ShapeDtypeStruct((shape.B, shape.S, shape.d), jnp.bfloat16)
+                with sharding.use(mesh), jax.default_matmul_precision("default"):
+                    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
+                row = {"gen": gen, "shape": shape.name, "variant": f"attention chunk={chunk}", "T": shape.T,
+                       "d": shape.d, "heads": H, "kv_heads": G,
+                       **estimate(compiled, attention_flops(shape), PEAK_BF16_TFLOPS[gen]),
+                       "compile_s": time.perf_counter() - t0}
+                del compiled
+                base = base or row
+                row["ratio_to_dense"] = row["est_ms"] / base["est_ms"]  # here: to one block of queries
+                rows.append(row)
+                log(format_row(row))
+    return rows
+
+
 def step_row(log=print) -> dict:
     """The DeepSeekMoE-16B training step on v5p:4x4x4 (configs/deepseekmoe_16b.py), its layers unrolled
     (model.scan_layers=False): XLA's cost analysis counts a scanned layer once."""
@@ -163,7 +214,9 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", type=os.path.expanduser, help="write the rows as JSON to this file")
     p.add_argument("--quick", action="store_true", help="one small shape on v5p (smoke test)")
-    p.add_argument("--step", action="store_true", help="also the DeepSeekMoE-16B step on v5p:4x4x4 (~7 min)")
+    p.add_argument("--step", action="store_true", help="also the DeepSeekMoE-16B step on v5p:4x4x4 (~12 min)")
+    p.add_argument("--attention", action="store_true",
+                   help="also the attention sublayer per shape and model.attention_chunk (ratio: to one block)")
     p.add_argument("--gens", default="v5p,v5e,v6e", help=f"comma-separated, from {tuple(TOPOLOGY)}")
     p.add_argument("--shapes", default=",".join(s.name for s in SHAPES), help="comma-separated shape names")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated expert backends")
@@ -178,6 +231,8 @@ def main(argv=None) -> None:
     print(common.machine_line())
     print(HEADER)
     rows = layer_rows(gens, shapes, a.variants.split(","))
+    if a.attention:
+        rows += attention_rows(gens, shapes)
     if a.step:
         rows.append(step_row())
     if a.json:

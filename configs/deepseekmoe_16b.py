@@ -15,18 +15,21 @@ Ahead-of-time check on a 64-chip v5p slice (any Linux machine with libtpu, no TP
   python -m moejax.aot --config=configs/deepseekmoe_16b.py --topology=v5p:4x4x4
 Mesh fsdp=64 (parameters and AdamW moments split 64 ways; every chip routes its own tokens to all 64
 experts, as the paper keeps a layer's experts on one device), the paper's 4608 x 4096 batch in
-grad_accum=36 micro-batches (2 sequences per chip each), blocks rematerialised, the 27 MoE layers scanned
-(model.scan_layers: XLA compiles one of them). Routed experts use the 'auto' backend, on TPU the Pallas
-grouped matmul (pallas_kernels.gmm; XLA's ragged_dot would compute its weight gradient as a dense masked
-product over all 64 experts). Expected (measured with JAX 0.10.2, libtpu 0.0.42.1 on a 2-core CPU):
+grad_accum=36 micro-batches (2 sequences per chip each), the 27 MoE layers scanned (model.scan_layers: XLA
+compiles one of them). Rematerialisation recomputes only each block's attention sublayer in the backward
+pass (remat_ffn=False: the MoE layers' activations are kept), and attention runs by causal blocks of 1024
+queries (model.attention_chunk). Routed experts use the 'auto' backend, on TPU the Pallas grouped matmul
+(pallas_kernels.gmm; XLA's ragged_dot would compute its weight gradient as a dense masked product over all
+64 experts). Expected (measured with JAX 0.10.2, libtpu 0.0.42.1 on a 2-core CPU):
   memory per chip  arguments 2.87 GiB, outputs 2.86 GiB (aliased to the donated state), temporaries
-                   17.22 GiB: total 20.08 GiB of 95 GiB HBM, fits. Unrolled (--config.model.scan_layers=False)
-                   XLA keeps more alive: 52.27 GiB (with backend='blocked': 64.04 GiB)
-  FLOPs per step   not counted when scanned (the compiler counts a scanned layer once); unrolled, 7082
-                   TFLOPs per chip as compiled with the kernels' tiles of commit 446c5d2, 453.2 PFLOPs in all
-                   (with the rematerialised forward pass); model 6 N + attention 5465 TFLOPs per chip,
-                   349.8 PFLOPs (18.5 GFLOPs per token)
-  compile time     161 s scanned on 2 busy cores (unrolled: 413 s on 2 quiet cores)
+                   81.68 GiB: total 84.54 GiB of 95 GiB HBM, fits. With whole blocks recomputed
+                   (--config.model.remat_ffn=True) 19.38 GiB, and the step is slower (below).
+  step time        the compiler's estimate (experiments/benchmarks/tpu_estimate.py --step, layers unrolled
+                   so that it counts each): 29.84 s per step, estimated MFU 39.9% (whole blocks recomputed:
+                   37.00 s, 32.2%; and with one block of queries as well: 39.68 s, 30.0%)
+  FLOPs per step   not counted when scanned (the compiler counts a scanned layer once); model 6 N +
+                   attention 5465 TFLOPs per chip, 349.8 PFLOPs (18.5 GFLOPs per token)
+  compile time     scanned, whole blocks recomputed: 136 s on 2 quiet cores; unrolled: 8-12 min
 Expert parallelism does not help here: fsdp=8 x expert=8 needs 99.4 GiB per chip even at 1 sequence per chip,
 as each chip's dropless receive buffer holds every row that all 8 chips of its expert group could send.
 """
@@ -41,7 +44,8 @@ def get_config(arg=None):
     config_lib.parse_arg(arg)  # no arguments
     return config_lib.experiment(
         model=dict(n_layers=28, d_model=2048, n_heads=16, first_k_dense=1, dense_d_ff=10944, vocab_size=102400,
-                   tie_embeddings=False, dtype="bfloat16", init_std=0.006, remat=True, scan_layers=True),
+                   tie_embeddings=False, dtype="bfloat16", init_std=0.006, remat=True, remat_ffn=False,
+                   scan_layers=True),
         moe=model_config.MoEConfig(d_model=2048, d_ff=1408, n_experts=64, top_k=6, n_shared=2, segmentation=1,
                           aux_loss_coef=0.001, dispatch="dropless", backend="auto"),
         data=dict(seq_len=4096, batch_size=PAPER_BATCH, tokenizer="spm100k.model"),

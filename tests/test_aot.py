@@ -308,12 +308,13 @@ def test_table1_paper_expert_parallel_on_v5p_4x4x4(tmp_path):
 
 
 def test_deepseekmoe_16b_fits_v5p_4x4x4(tmp_path):
-    """(c) configs/deepseekmoe_16b.py as documented there: its 27 MoE layers scanned (model.scan_layers),
-    20.08 GiB per chip of a v5p chip's 95 GiB on v5p:4x4x4; FLOPs not counted (scanned)."""
+    """(c) configs/deepseekmoe_16b.py as documented there: its 27 MoE layers scanned (model.scan_layers), only
+    the attention sublayers recomputed (remat_ffn=False): 84.54 GiB per chip of a v5p chip's 95 GiB on
+    v5p:4x4x4; FLOPs not counted (scanned)."""
     c, r = report_in_subprocess(tmp_path, "v5p:4x4x4", None, "deepseekmoe_16b")
     check_report(r, c, "v5p:4x4x4", None, "pallas")
-    assert r["scan_layers"] and c.model.scan_layers
-    assert r["fits"] and r["hbm_bytes"] == 95 * GIB and r["chips"] == 64 and r["total_bytes"] < 25 * GIB
+    assert r["scan_layers"] and c.model.scan_layers and c.model.remat and not c.model.remat_ffn
+    assert r["fits"] and r["hbm_bytes"] == 95 * GIB and r["chips"] == 64 and 75 * GIB < r["total_bytes"] < 90 * GIB
     assert r["active_params"] == pytest.approx(2.62e9, rel=0.01)
 
 

@@ -281,10 +281,11 @@ def test_flops_of_moe_backends_match_compiled_flops(topology, mesh, backend):
 def test_table1_paper_deepseekmoe_on_v5e_2x2(tmp_path):
     """(a) Table-1 DeepSeekMoE at paper scale (2.0B parameters) on 4 v5e chips, parameters and Adam moments
     split 4 ways (fsdp), one sequence per chip per micro-batch (grad_accum 512), blocks rematerialised, the 9
-    layers scanned (the paper scale's model.scan_layers): 17.64 GiB per chip, over the 16 GiB of a v5e chip
-    (5.75 GiB of parameters and moments, 11.89 GiB of temporaries; unrolled: 16.26 GiB). 'blocked' experts
-    (unrolled, the default 'ragged_dot' needed 17.60 GiB and 13x the FLOPs: module docstring). On v5e:2x4
-    (fsdp=8, grad_accum 256) it fits: 13.64 GiB per chip scanned, 12.74 unrolled."""
+    layers scanned (the paper scale's model.scan_layers): 17.02 GiB per chip, over the 16 GiB of a v5e chip
+    (5.75 GiB of parameters and moments, 11.26 GiB of temporaries; 17.64 and 11.89 before attention ran by
+    blocks of 1024 queries, model.attention_chunk; unrolled then: 16.26 GiB). 'blocked' experts (unrolled, the
+    default 'ragged_dot' needed 17.60 GiB and 13x the FLOPs: module docstring). On v5e:2x4 (fsdp=8, grad_accum
+    256) it fitted then: 13.64 GiB per chip scanned, 12.74 unrolled."""
     mesh = {"fsdp": 4}
     c, r = report_in_subprocess(tmp_path, "v5e:2x2", mesh, "deepseekmoe_table1", "method=deepseekmoe,scale=paper",
                                 model__vocab_size=8192, model__remat=True, train__grad_accum=512,
@@ -298,7 +299,7 @@ def test_table1_paper_expert_parallel_on_v5p_4x4x4(tmp_path):
     """(b) The same model with expert parallelism on 64 v5p chips: 63 routed experts padded to 64 slots,
     4 per chip (expert=16), fsdp=4, the default TPU backends (the Pallas grouped matmul, ragged_all_to_all).
     Scanned layers (FLOPs not counted; test_flops_of_moe_backends_match_compiled_flops checks them for this
-    backend and mesh kind): 5.85 GiB per chip."""
+    backend and mesh kind): 5.28 GiB per chip (5.85 before model.attention_chunk)."""
     mesh = {"fsdp": 4, "expert": 16}
     c, r = report_in_subprocess(tmp_path, "v5p:4x4x4", mesh, "deepseekmoe_table1", "method=deepseekmoe,scale=paper",
                                 model__vocab_size=8192, model__remat=True, train__grad_accum=32,

@@ -108,14 +108,14 @@ def test_scanned_layers_equal_the_unrolled_model(remat):
 
 
 def _remat_bodies(jaxpr) -> list[set]:
-    """The primitives inside each jax.checkpoint (remat) of a jaxpr, nested ones included."""
-    from jax._src import core as jax_core
-
+    """The primitives inside each jax.checkpoint (remat) of a jaxpr, nested ones included. Sub-jaxprs are found
+    by their attributes (a Jaxpr has eqns, a ClosedJaxpr a jaxpr): jax moves these classes between versions."""
     def subs(eqn):
         for v in eqn.params.values():
             for x in v if isinstance(v, (list, tuple)) else [v]:
-                if isinstance(x, (jax_core.Jaxpr, jax_core.ClosedJaxpr)):
-                    yield getattr(x, "jaxpr", x)
+                x = getattr(x, "jaxpr", x)
+                if hasattr(x, "eqns"):
+                    yield x
 
     def names(j, out):
         for e in j.eqns:

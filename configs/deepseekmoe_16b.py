@@ -17,21 +17,25 @@ Mesh fsdp=64 (parameters and AdamW moments split 64 ways; every chip routes its 
 experts, as the paper keeps a layer's experts on one device), the paper's 4608 x 4096 batch in
 grad_accum=36 micro-batches (2 sequences per chip each), the 27 MoE layers scanned (model.scan_layers: XLA
 compiles one of them). Rematerialisation recomputes only each block's attention sublayer in the backward
-pass (remat_ffn=False: the MoE layers' activations are kept), and attention runs by causal blocks of 1024
-queries (model.attention_chunk). Routed experts use the 'auto' backend, on TPU the Pallas grouped matmul
-(pallas_kernels.gmm; XLA's ragged_dot would compute its weight gradient as a dense masked product over all
-64 experts). Expected (measured with JAX 0.10.2, libtpu 0.0.42.1 on a 2-core CPU):
+pass (remat_ffn=False: the MoE layers' activations are kept), and attention runs on the Pallas flash attention
+kernels (model.attention_kernel 'auto' on TPU; pallas_kernels.flash_attention). Routed experts use the 'auto'
+backend, on TPU the Pallas grouped matmul (pallas_kernels.gmm; XLA's ragged_dot would compute its weight
+gradient as a dense masked product over all 64 experts). Expected (measured with JAX 0.10.2, libtpu 0.0.42.1
+on a 2-core CPU):
   memory per chip  arguments 2.87 GiB, outputs 2.86 GiB (aliased to the donated state), temporaries
-                   81.68 GiB: total 84.54 GiB of 95 GiB HBM, fits. With whole blocks recomputed
-                   (--config.model.remat_ffn=True) 19.38 GiB, and the step is slower (below).
+                   80.04 GiB: total 82.90 GiB of 95 GiB HBM, fits (84.54 with XLA's attention by blocks of
+                   1024 queries, model.attention_kernel='xla'; 19.38 with whole blocks recomputed,
+                   --config.model.remat_ffn=True, and a slower step).
   step time        the compiler's estimate (experiments/benchmarks/tpu_estimate.py --step, layers unrolled
-                   so that it counts each): 29.84 s per step, estimated MFU 39.9% (whole blocks recomputed:
-                   37.00 s, 32.2%; and with one block of queries as well: 39.68 s, 30.0%)
+                   so that it counts each): 24.02 s per step, estimated MFU 49.6% (XLA's attention: 29.84 s,
+                   39.9%). With no rematerialisation at all (--config.model.remat=False) 22.61 s, 52.7%, but
+                   87.25 GiB per chip: not the default, for the margin.
   FLOPs per step   not counted when scanned (the compiler counts a scanned layer once); model 6 N +
                    attention 5465 TFLOPs per chip, 349.8 PFLOPs (18.5 GFLOPs per token)
-  compile time     scanned, whole blocks recomputed: 136 s on 2 quiet cores; unrolled: 8-12 min
-Expert parallelism does not help here: fsdp=8 x expert=8 needs 99.4 GiB per chip even at 1 sequence per chip,
-as each chip's dropless receive buffer holds every row that all 8 chips of its expert group could send.
+  compile time     scanned: about 2 min on 2 quiet CPU cores; unrolled: 7-12 min
+Expert parallelism does not help here: fsdp=8 x expert=8 needed 99.4 GiB per chip even at 1 sequence per
+chip (with XLA's attention), as each chip's dropless receive buffer holds every row that all 8 chips of its
+expert group could send.
 """
 from moejax import config as config_lib
 from moejax import model_config

@@ -13,8 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax.sharding import PartitionSpec as P
+
 from moejax import moe as moe_lib
+from moejax import sharding
 from moejax.model_config import ModelConfig
+from pallas_kernels import flash as flash_lib
 
 LATENT_NORM_EPS = 1e-6  # MLA's latent RMSNorms (Hugging Face DeepseekV2/V3 build them with the default epsilon)
 
@@ -134,6 +138,28 @@ def attend(q, k, v, scale: float, mask, chunk: int = 0):
     return jnp.einsum("bgnst,btgk->bsgnk", probs, v).reshape(B, S, -1, v.shape[-1])
 
 
+def causal_attention(q, k, v, scale: float, segment_ids=None, chunk: int = 0, kernel: str = "xla"):
+    """`attend` under the causal mask (of segment_ids' documents when given), by model.attention_kernel:
+    'xla' is `attend` (by blocks of `chunk` queries); 'flash' the Pallas TPU kernels (pallas_kernels.
+    flash_attention: nothing of size S x S in HBM), inside a jax.shard_map over the current mesh (batch over
+    the batch axes, key/value heads over 'tensor' where it divides them), interpreted on CPU; 'auto' flash on
+    TPU where the sequence length takes it, else xla."""
+    S = q.shape[1]
+    if kernel == "auto":
+        kernel = "flash" if sharding.platform() == "tpu" and flash_lib.supported(S) else "xla"
+    if kernel == "xla":
+        return attend(q, k, v, scale, causal_mask(S, segment_ids), chunk)
+    run = lambda q, k, v, *seg: flash_lib.flash_attention(q, k, v, scale, seg[0] if seg else None)
+    mesh = sharding.current_mesh()
+    if mesh is None or not mesh.are_all_axes_auto:  # no mesh, or already inside a shard_map
+        return run(q, k, v, *(() if segment_ids is None else (segment_ids,)))
+    qs = sharding.spec(("batch", None, "heads", None, None), q.shape, mesh)
+    kvs = P(qs[0], None, qs[2], None)
+    segs = () if segment_ids is None else (segment_ids,)
+    return jax.shard_map(run, mesh=mesh, in_specs=(qs, kvs, kvs) + (P(qs[0], None),) * len(segs),
+                         out_specs=kvs)(q, k, v, *segs)
+
+
 def _write(cache: jax.Array, new: jax.Array, index) -> jax.Array:
     """cache [B, L, ...] with rows index.. replaced by new [B, S, ...]."""
     return jax.lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), index, axis=1)
@@ -168,7 +194,7 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(G * h if full else h, config.norm_eps)
         self.rope = _rope_consts(config, h)
         self.scale = softmax_scale(config, h)
-        self.chunk = config.attention_chunk
+        self.chunk, self.kernel = config.attention_chunk, config.attention_kernel
 
     def _norm(self, norm: RMSNorm, x):  # x [B, S, heads, h]
         if self.qk_norm == "head":
@@ -193,7 +219,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, segment_ids=None):
         q, k, v = self._qkv(x, positions)
-        return self._out(attend(q, k, v, self.scale, causal_mask(x.shape[1], segment_ids), self.chunk))
+        return self._out(causal_attention(q, k, v, self.scale, segment_ids, self.chunk, self.kernel))
 
     def init_cache(self, batch: int, length: int, dtype) -> dict:
         """Key/value cache rows [B, L, H_kv, h]."""
@@ -235,7 +261,7 @@ class LatentAttention(nnx.Module):
         self.wo = _param(rngs, std, (H, hv, d), (0, 1), ("heads", None, "embed"))
         self.rope = _rope_consts(config, r)
         self.scale = softmax_scale(config, h + r)
-        self.chunk = config.attention_chunk
+        self.chunk, self.kernel = config.attention_chunk, config.attention_kernel
 
     def _latent(self, x, positions):
         """(q [B, S, H, 1, h + r] with RoPE on its last r channels, the cache entries: c_kv [B, S, r_kv] after
@@ -250,17 +276,21 @@ class LatentAttention(nnx.Module):
         ckv = x @ self.wkv_a[...].astype(dt)  # [B, S, r_kv + r]
         return q[:, :, :, None], self.kv_norm(ckv[..., :rkv]), rope(ckv[..., None, rkv:], positions, *self.rope)
 
-    def _attend(self, q, c, k_rot, mask, chunk: int = 0):
-        """Heads' keys [k_C; k_R] and values from the latent c [B, T, r_kv] and k_R [B, T, 1, r] -> [B, S, d]."""
+    def _attend(self, q, c, k_rot, mask=None, segment_ids=None):
+        """Heads' keys [k_C; k_R] and values from the latent c [B, T, r_kv] and k_R [B, T, 1, r] -> [B, S, d];
+        attention under `mask` [1 or B, S, T], or causal (`causal_attention`, of segment_ids) without one."""
         h, r, hv, rkv = self.dims
         kv = jnp.einsum("btc,chk->bthk", c, self.wkv_b[...].astype(q.dtype))  # [B, T, H, h + h_v]
         k = jnp.concatenate([kv[..., :h], jnp.broadcast_to(k_rot, (*kv.shape[:3], r))], -1)
-        out = attend(q, k, kv[..., h:], self.scale, mask, chunk)  # [B, S, H, h_v]
+        if mask is None:
+            out = causal_attention(q, k, kv[..., h:], self.scale, segment_ids, self.chunk, self.kernel)
+        else:
+            out = attend(q, k, kv[..., h:], self.scale, mask)  # [B, S, H, h_v]
         return jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(q.dtype))
 
     def __call__(self, x, positions, segment_ids=None):
         q, c, k_rot = self._latent(x, positions)
-        return self._attend(q, c, k_rot, causal_mask(x.shape[1], segment_ids), self.chunk)
+        return self._attend(q, c, k_rot, segment_ids=segment_ids)
 
     def init_cache(self, batch: int, length: int, dtype) -> dict:
         """The compressed cache of DeepSeek-V2 sec. 2.1.2: latent rows [B, L, r_kv] and rotary keys [B, L, 1, r]."""

@@ -19,6 +19,7 @@ from moejax import experts, routers, routing
 
 DISPATCHES = ("capacity", "dropless")
 ATTENTIONS = ("mha", "mla")
+ATTENTION_KERNELS = ("xla", "flash", "auto")
 _YARN = ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
          "attention_factor", "truncate")
 # rope_scaling keys by rope_type (moejax.attention.rope_frequencies)
@@ -277,6 +278,9 @@ class ModelConfig:
     v_head_dim: int = 0  # mla: width of a value head; 0 = head width
     attention_chunk: int = 1024  # causal attention by blocks of this many queries, each over the keys up to its
     #   last (the masked blocks above the diagonal never computed: moejax.attention.attend); 0: one block
+    attention_kernel: str = "auto"  # causal attention in training: 'xla' (attend, by attention_chunk), 'flash'
+    #   (Pallas TPU flash attention, pallas_kernels.flash_attention; interpreted on CPU, slow), 'auto' (flash on
+    #   TPU where the sequence length takes it, else xla)
     tie_embeddings: bool = True
     dtype: str = "float32"
     init_std: float = 0.0  # > 0: every weight N(0, init_std) (DeepSeekMoE: 0.006); 0: fan-in, embeddings N(0, 1)
@@ -302,6 +306,8 @@ class ModelConfig:
         req(self.qk_norm in ("none", "head", "full"), "qk_norm", self.qk_norm, "('none', 'head', 'full')")
         req(self.norm_eps > 0, "norm_eps", self.norm_eps, "> 0")
         req(self.attention_chunk >= 0, "attention_chunk", self.attention_chunk, "an integer >= 0 (0 = one block)")
+        req(self.attention_kernel in ATTENTION_KERNELS, "attention_kernel", self.attention_kernel,
+            str(ATTENTION_KERNELS))
         self._check_attention(req)
         req(self.moe.d_model == self.d_model, "moe.d_model", self.moe.d_model, f"d_model={self.d_model}")
         req(0 <= self.first_k_dense <= self.n_layers, "first_k_dense", self.first_k_dense,

@@ -5,8 +5,9 @@ Importing moejax sets libtpu's environment (a single TPU-less host, no lockfile)
 machine without a TPU (moejax/__init__.py; tests/conftest.py imports it before jax). CPU tests keep running
 on CPU (test_cpu_devices_unchanged), and quietly (test_cpu_runs_are_quiet_without_a_tpu).
 
-FLOPs: XLA counts what is compiled. For a dense model that is the analytic 6 N + attention (checked to 5%);
-for dropless MoE layers it is every row of the static dispatch buffers (`compiled_flops` below): worst-case
+FLOPs: XLA counts what is compiled. For a dense model with XLA's attention that is the analytic 6 N +
+attention (checked to 5%); the flash attention kernels (model.attention_kernel 'auto' on TPU) count the
+blocks they multiply (`flash_attention_flops`); for dropless MoE layers it is every row of the static dispatch buffers (`compiled_flops` below): worst-case
 padding to blocks ('blocked'), D x the rows under expert parallelism (the receive buffer holds every row
 all D devices could send), and for 'ragged_dot' a weight gradient over every local expert group (XLA:TPU
 lowers the transposed ragged dot to a dense masked convolution). The Pallas kernels ('pallas', the TPU
@@ -34,6 +35,7 @@ if importlib.util.find_spec("libtpu") is None:
 import jax  # noqa: E402
 
 from moejax import aot  # noqa: E402
+from pallas_kernels import flash  # noqa: E402
 from pallas_kernels import grouped_matmul  # noqa: E402
 from moejax import config as config_lib  # noqa: E402
 from moejax import dispatch  # noqa: E402
@@ -108,20 +110,26 @@ def argument_bytes(trainer: train.Trainer, batch: int, seq_len: int) -> int:
 def compiled_flops(trainer: train.Trainer, batch: int, seq_len: int, backend: str) -> float:
     """FLOPs per device per step that XLA counts for this model (see the module docstring).
 
-    Per token: attention, dense FFNs, router and unembedding 6 N + 12 L d S (moejax.metrics); routed experts
-    per MoE layer 2 mats d f per buffer row in the forward pass, the same for the input gradient and
-    (blocked) for the weight gradient, which 'ragged_dot' computes for each of its G local expert groups.
-    Rematerialisation adds a forward pass (x 4/3 for the rest, + 2 per row for the experts)."""
+    Per token: attention, dense FFNs, router and unembedding 6 N + 12 L d S (moejax.metrics) with XLA's
+    attention (model.attention_kernel 'xla'); the flash kernels ('auto' on TPU) count what their blocks
+    multiply (`flash_attention_flops`); routed experts per MoE layer 2 mats d f per buffer row in the forward
+    pass, the same for the input gradient and (blocked) for the weight gradient, which 'ragged_dot' computes
+    for each of its G local expert groups. Rematerialisation adds a forward pass (x 4/3 for the rest, + 2 per
+    row for the experts, + the flash forward)."""
     m, t = trainer.model_config, trainer.train
     mesh = trainer.mesh
     D = sharding.axis_size("expert", mesh)
     T = batch * seq_len // (sharding.batch_shards(mesh) * t.grad_accum)  # tokens per device per micro-batch
+    use_flash = m.attention_kernel == "flash" or (m.attention_kernel == "auto" and flash.supported(seq_len))
     total, moe_rows = 0.0, 0.0
     for layer in range(m.n_layers):
         c = m.ffn_config(layer)
         mats = 3 if c.activation == "swiglu" else 2
         total += 6 * (4 * m.d_model**2 + mats * m.d_model * c.expert_width * c.n_shared + m.d_model * c.n_experts) * T
-        total += 12 * m.d_model * seq_len * T
+        if use_flash:
+            moe_rows += flash_attention_flops(m, seq_len, T // seq_len)
+        else:
+            total += 12 * m.d_model * seq_len * T
         if not c.n_experts:
             continue
         E, K = c.n_slots, c.top_k
@@ -139,6 +147,16 @@ def compiled_flops(trainer: train.Trainer, batch: int, seq_len: int, backend: st
         moe_rows += passes * rows * mats * m.d_model * c.expert_width
     total += 6 * m.d_model * m.vocab_size * T
     return (total * (4 / 3 if m.remat else 1.0) + moe_rows) * t.grad_accum
+
+
+def flash_attention_flops(m, seq_len: int, sequences: int) -> float:
+    """FLOPs of the flash kernels' forward + backward (+ forward again under remat) for `sequences` sequences
+    of one layer: per head N (N + 1) / 2 blocks of t x t pairs, with 2 (hq + hv) FLOPs per pair forward,
+    4 (hq + hv) in the dkv kernel and 2 (2 hq + hv) in the dq kernel (pallas_kernels/flash_tpu.py)."""
+    t = flash.default_block(seq_len)
+    N, h = seq_len // t, m.head_width
+    per_pair = 2 * (h + h) * (2 if m.remat else 1) + 4 * (h + h) + 2 * (2 * h + h)
+    return sequences * m.n_heads * N * (N + 1) // 2 * t * t * per_pair
 
 
 def check_report(r: dict, c, topology: str, mesh: dict | None, backend: str, padding: float = 1.05) -> None:
@@ -250,9 +268,11 @@ def test_cli_step_that_does_not_fit(tmp_path):
 
 def test_flops_scan_correction_matches_analytic_dense():
     """XLA counts the grad_accum scan body once: the same count for 1 and 2 micro-batches of the same size,
-    so flops_per_chip = grad_accum x count; for a dense model it is the analytic 6 N + 12 L d S."""
+    so flops_per_chip = grad_accum x count; for a dense model with XLA's attention (one block of queries:
+    S 512) it is the analytic 6 N + 12 L d S."""
     reports = [aot.compile_report(config("deepseekmoe_table1", "method=dense,scale=small", data__batch_size=4 * a,
-                                         train__grad_accum=a), "v5e:2x2") for a in (1, 2)]
+                                         train__grad_accum=a, model__attention_kernel="xla"), "v5e:2x2")
+               for a in (1, 2)]
     one, two = reports
     assert two["compiler_flops_per_chip"] == pytest.approx(one["compiler_flops_per_chip"], rel=0.01)
     assert two["flops_per_chip"] == pytest.approx(2 * one["flops_per_chip"], rel=0.01)
@@ -281,9 +301,10 @@ def test_flops_of_moe_backends_match_compiled_flops(topology, mesh, backend):
 def test_table1_paper_deepseekmoe_on_v5e_2x2(tmp_path):
     """(a) Table-1 DeepSeekMoE at paper scale (2.0B parameters) on 4 v5e chips, parameters and Adam moments
     split 4 ways (fsdp), one sequence per chip per micro-batch (grad_accum 512), blocks rematerialised, the 9
-    layers scanned (the paper scale's model.scan_layers): 17.02 GiB per chip, over the 16 GiB of a v5e chip
-    (5.75 GiB of parameters and moments, 11.26 GiB of temporaries; 17.64 and 11.89 before attention ran by
-    blocks of 1024 queries, model.attention_chunk; unrolled then: 16.26 GiB). 'blocked' experts (unrolled, the
+    layers scanned (the paper scale's model.scan_layers): 16.76 GiB per chip with flash attention (the 'auto'
+    kernel on TPU), over the 16 GiB of a v5e chip (5.75 GiB of parameters and moments, 11.00 GiB of
+    temporaries; with XLA's attention 17.02 and 11.26, and 17.64 and 11.89 before it ran by blocks of 1024
+    queries, model.attention_chunk; unrolled then: 16.26 GiB). 'blocked' experts (unrolled, the
     default 'ragged_dot' needed 17.60 GiB and 13x the FLOPs: module docstring). On v5e:2x4 (fsdp=8, grad_accum
     256) it fitted then: 13.64 GiB per chip scanned, 12.74 unrolled."""
     mesh = {"fsdp": 4}
@@ -299,7 +320,8 @@ def test_table1_paper_expert_parallel_on_v5p_4x4x4(tmp_path):
     """(b) The same model with expert parallelism on 64 v5p chips: 63 routed experts padded to 64 slots,
     4 per chip (expert=16), fsdp=4, the default TPU backends (the Pallas grouped matmul, ragged_all_to_all).
     Scanned layers (FLOPs not counted; test_flops_of_moe_backends_match_compiled_flops checks them for this
-    backend and mesh kind): 5.28 GiB per chip (5.85 before model.attention_chunk)."""
+    backend and mesh kind): 5.08 GiB per chip with flash attention (XLA's: 5.28; 5.85 before
+    model.attention_chunk)."""
     mesh = {"fsdp": 4, "expert": 16}
     c, r = report_in_subprocess(tmp_path, "v5p:4x4x4", mesh, "deepseekmoe_table1", "method=deepseekmoe,scale=paper",
                                 model__vocab_size=8192, model__remat=True, train__grad_accum=32,
@@ -310,8 +332,8 @@ def test_table1_paper_expert_parallel_on_v5p_4x4x4(tmp_path):
 
 def test_deepseekmoe_16b_fits_v5p_4x4x4(tmp_path):
     """(c) configs/deepseekmoe_16b.py as documented there: its 27 MoE layers scanned (model.scan_layers), only
-    the attention sublayers recomputed (remat_ffn=False): 84.54 GiB per chip of a v5p chip's 95 GiB on
-    v5p:4x4x4; FLOPs not counted (scanned)."""
+    the attention sublayers recomputed (remat_ffn=False), flash attention: 82.90 GiB per chip of a v5p chip's
+    95 GiB on v5p:4x4x4 (84.54 with XLA's attention); FLOPs not counted (scanned)."""
     c, r = report_in_subprocess(tmp_path, "v5p:4x4x4", None, "deepseekmoe_16b")
     check_report(r, c, "v5p:4x4x4", None, "pallas")
     assert r["scan_layers"] and c.model.scan_layers and c.model.remat and not c.model.remat_ffn
@@ -322,9 +344,11 @@ def test_deepseekmoe_16b_fits_v5p_4x4x4(tmp_path):
 def test_table1_proxy_deepseekmoe_fits_v5e_2x4(tmp_path):
     """(d) The `proxy` scale of configs/deepseekmoe_table1.py as configured there, on the v5e-8 it is sized for:
     DeepSeekMoE, 8 layers, d 512, 8K vocabulary, 256 x 1024 tokens per step in grad_accum=2 micro-batches
-    (16 sequences per chip each), parameters and AdamW moments split 8 ways (fsdp=8), bf16. Measured: 10.68 GiB
-    per chip of 16, FLOPs as compiled 0.958 x the analytic 6 N_active + attention (= `compiled_flops` here:
-    the Pallas kernels count exactly the T K routed rows). Arguments are 8.8% above the shards: the routed
+    (16 sequences per chip each), parameters and AdamW moments split 8 ways (fsdp=8), bf16, flash attention
+    (the 'auto' kernel on TPU). Measured: 6.89 GiB per chip of 16 (9.96 with XLA's attention), FLOPs as compiled
+    1.009 x the analytic 6 N_active + attention (= `compiled_flops` here: the Pallas kernels count exactly the
+    T K routed rows, the flash kernels the 3 of 4 score blocks of 512 x 512 at or below the diagonal with 9
+    block matmuls each, against the analytic 4 blocks x 6). Arguments are 8.8% above the shards: the routed
     experts' width f = 352 pads to 384 = 3 x 128 lanes (+9.1%), and expert weights are 95% of the state.
     This compiles the full step as the config trains it, 160-200 s on 2 busy CPU cores: a step with fewer
     layers or micro-batches is not much cheaper (2 of the 8 layers: 120 s; the time goes to the large

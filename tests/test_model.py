@@ -1,5 +1,7 @@
 """Decoder LM (moejax/model.py): causality, packing, rotary positions, attention against a loop
 reference, dense/MoE layer layout, bf16 compute, learning, and ModelConfig validation."""
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from flax import nnx
 from moejax import attention as A
 from moejax import model as M
 from moejax import model_config
+from moejax import sharding
 from tests.tolerances import F32
 
 V, D, H = 64, 32, 4
@@ -181,20 +184,27 @@ def test_packed_documents_match_separate_runs():
     np.testing.assert_allclose(packed[:, 4:], second, **F32)
 
 
-def test_query_blocks_give_the_same_values_and_gradients():
+def test_query_blocks_and_flash_kernel_give_the_same_values_and_gradients():
     """attention_chunk (moejax.attention.attend): causal attention by blocks of queries, each over the keys up
     to its last, equals one block in values and in the gradients w.r.t. x and every weight, for multi-head
-    and latent attention, with packed documents (segment ids) and blocks that do not divide S (3, 3, 3, 1)."""
+    and latent attention, with packed documents (segment ids) and blocks that do not divide S (3, 3, 3, 1);
+    so does attention_kernel='flash' (the Pallas kernels interpreted: tests/test_flash.py tests them at
+    several blocks), alone and inside the shard_map it runs in on a mesh (batch over data=2)."""
     x = jax.random.normal(jax.random.PRNGKey(5), (2, 10, D))
     pos = jnp.array([list(range(10)), list(range(3)) + list(range(7))])
     seg = jnp.array([[1] * 10, [1] * 3 + [2] * 7])
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=2), jax.devices()[:2])
     for kw in (dict(n_kv_heads=2), dict(attention="mla", kv_lora_rank=12, rope_head_dim=4, head_dim=6)):
-        def value_and_grads(chunk):
-            cfg = M.ModelConfig(V, D, 1, H, model_config.dense(D, 32), attention_chunk=chunk, **kw)
+        def value_and_grads(chunk, kernel="xla", mesh=None):
+            cfg = M.ModelConfig(V, D, 1, H, model_config.dense(D, 32), attention_chunk=chunk,
+                                attention_kernel=kernel, **kw)
             graphdef, params = nnx.split(A.make(cfg, nnx.Rngs(3)))
             loss = lambda p, x: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(x, pos, seg)))
-            return jax.jit(jax.value_and_grad(loss, (0, 1)))(params, x)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **F32), value_and_grads(3), value_and_grads(0))
+            with sharding.use(mesh) if mesh else contextlib.nullcontext():
+                return jax.jit(jax.value_and_grad(loss, (0, 1)))(params, x)
+        want = value_and_grads(0)
+        for got in (value_and_grads(3), value_and_grads(0, "flash"), value_and_grads(0, "flash", mesh)):
+            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **F32), got, want)
 
 
 def test_rope_depends_only_on_relative_position():
@@ -402,6 +412,7 @@ INVALID = {
     "norm_eps_zero": (dict(norm_eps=0.0), "norm_eps", "0.0"),
     "remat_not_bool": (dict(remat="attention"), "remat", "'attention'"),
     "attention_chunk_negative": (dict(attention_chunk=-1), "attention_chunk", "-1"),
+    "unknown_attention_kernel": (dict(attention_kernel="splash"), "attention_kernel", "'splash'"),
     "unknown_attention": (dict(attention="mqa"), "attention", "'mqa'"),
     "mla_without_latent": (dict(attention="mla", rope_head_dim=4), "kv_lora_rank", "0"),
     "mla_odd_rope_width": (dict(attention="mla", kv_lora_rank=8, rope_head_dim=3), "rope_head_dim", "3"),

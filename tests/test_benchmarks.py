@@ -151,9 +151,9 @@ def test_data_memory_quick(tmp_path):
 
 def test_tpu_estimate_quick(tmp_path):
     """Smoke test of experiments/benchmarks/tpu_estimate.py (libtpu, no TPU): the dense FFN and the MoE layer
-    (Pallas and ragged_dot experts) and the attention sublayer (one block of queries, 4 blocks) compile for one
-    v5p chip and the compiler prices each of them (a positive estimate: a scatter in the layer would make it
-    negative, see the benchmark's README section)."""
+    (Pallas and ragged_dot experts) and the attention sublayer (one block of queries, 4 blocks, the flash
+    kernels) compile for one v5p chip and the compiler prices each of them (a positive estimate: a scatter in
+    the layer would make it negative, see the benchmark's README section)."""
     import importlib.util
 
     import pytest
@@ -164,7 +164,8 @@ def test_tpu_estimate_quick(tmp_path):
     out = tmp_path / "rows.json"
     tpu_estimate.main(["--quick", "--attention", "--json", str(out)])
     rows = json.loads(out.read_text())
-    assert [r["variant"] for r in rows] == ["dense", "auto", "ragged_dot", "attention chunk=0", "attention chunk=64"]
+    assert [r["variant"] for r in rows] == ["dense", "auto", "ragged_dot", "attention chunk=0",
+                                            "attention chunk=64", "attention flash"]
     for r in rows:
         assert r["gen"] == "v5p" and r["est_ms"] > 0 and r["bytes_accessed_gb"] > 0 and 0 < r["mfu"] < 1, r
     assert rows[0]["ratio_to_dense"] == 1.0 and rows[1]["ratio_to_dense"] > 1.0

@@ -13,8 +13,9 @@ baseline of every ratio), and reads:
 - temp MiB: memory_analysis().temp_size_in_bytes;
 - TFLOP/s: the step's useful FLOPs (6 x 2 x (n d f) x T K for the experts, 6 x 2 x d E x T for the
   router: forward 2, backward 4) / est seconds, and the same over the chip's bf16 peak (MFU).
---attention adds the causal attention sublayer (moejax.attention, HEADS per shape) forward + backward with
-one block of queries and with model.attention_chunk 1024 (the ratio column is then to one block; TFLOP/s
+--attention adds the causal attention sublayer (moejax.attention, HEADS per shape, packed-document segment
+ids) forward + backward: XLA's attention with one block of queries and with model.attention_chunk 1024, and
+the Pallas flash attention (model.attention_kernel='flash'; the ratio column is then to one block; TFLOP/s
 count the lower triangle's scores only).
 --step adds the whole DeepSeekMoE-16B training step (configs/deepseekmoe_16b.py, layers unrolled so that
 the compiler counts each) on v5p:4x4x4 through moejax.aot (compile 8-12 min and ~13 GiB on 2 CPU cores):
@@ -143,9 +144,9 @@ def attention_flops(shape: Shape) -> float:
 
 
 def attention_rows(gens, shapes, log=print) -> list[dict]:
-    """The attention sublayer (moejax.attention.Attention, causal, bf16) forward + backward at each shape's
-    B, S, d and HEADS, with one block of queries and with model.attention_chunk 1024 (the default; S / 4 for a
-    shorter S); ratio to one block."""
+    """The attention sublayer (moejax.attention.Attention, causal over segment ids, bf16) forward + backward
+    at each shape's B, S, d and HEADS: XLA's with one block of queries and with model.attention_chunk 1024
+    (the default; S / 4 for a shorter S), and the flash kernels; ratio to one block."""
     from moejax import attention as attention_lib
 
     rows = []
@@ -153,21 +154,26 @@ def attention_rows(gens, shapes, log=print) -> list[dict]:
         mesh = one_chip(gen)
         for shape in shapes:
             base = None
-            for chunk in (0, min(1024, shape.S // 4)):  # one block of queries; the default's (quick: 4 blocks)
+            # one block of queries; the default's (quick: 4 blocks); the flash kernels
+            for chunk, kernel in ((0, "xla"), (min(1024, shape.S // 4), "xla"), (0, "flash")):
                 H, G = HEADS[shape.name]
                 cfg = model_config.ModelConfig(1, shape.d, 1, H, model_config.dense(shape.d, shape.f),
-                                               n_kv_heads=G, attention_chunk=chunk, max_len=shape.S)
+                                               n_kv_heads=G, attention_chunk=chunk, attention_kernel=kernel,
+                                               max_len=shape.S)
                 graphdef, params = nnx.split(nnx.eval_shape(lambda: attention_lib.make(cfg, nnx.Rngs(0))))
 
-                def loss(params, x):
+                def loss(params, x, segment_ids):
                     positions = jnp.broadcast_to(jnp.arange(shape.S), (shape.B, shape.S))
-                    return jnp.sum(nnx.merge(graphdef, params)(x, positions).astype(jnp.float32))
+                    y = nnx.merge(graphdef, params)(x, positions, segment_ids)
+                    return jnp.sum(y.astype(jnp.float32))
 
                 t0 = time.perf_counter()
                 x = jax.ShapeDtypeStruct((shape.B, shape.S, shape.d), jnp.bfloat16)
+                seg = jax.ShapeDtypeStruct((shape.B, shape.S), jnp.int32)
                 with sharding.use(mesh), jax.default_matmul_precision("default"):
-                    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x).compile()
-                row = {"gen": gen, "shape": shape.name, "variant": f"attention chunk={chunk}", "T": shape.T,
+                    compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).lower(params, x, seg).compile()
+                variant = "attention flash" if kernel == "flash" else f"attention chunk={chunk}"
+                row = {"gen": gen, "shape": shape.name, "variant": variant, "T": shape.T,
                        "d": shape.d, "heads": H, "kv_heads": G,
                        **estimate(compiled, attention_flops(shape), PEAK_BF16_TFLOPS[gen]),
                        "compile_s": time.perf_counter() - t0}

@@ -12,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-
 from jax.sharding import PartitionSpec as P
 
 from moejax import moe as moe_lib
@@ -150,12 +149,12 @@ def causal_attention(q, k, v, scale: float, segment_ids=None, chunk: int = 0, ke
     if kernel == "xla":
         return attend(q, k, v, scale, causal_mask(S, segment_ids), chunk)
     run = lambda q, k, v, *seg: flash_lib.flash_attention(q, k, v, scale, seg[0] if seg else None)
+    segs = () if segment_ids is None else (segment_ids,)
     mesh = sharding.current_mesh()
     if mesh is None or not mesh.are_all_axes_auto:  # no mesh, or already inside a shard_map
-        return run(q, k, v, *(() if segment_ids is None else (segment_ids,)))
+        return run(q, k, v, *segs)
     qs = sharding.spec(("batch", None, "heads", None, None), q.shape, mesh)
     kvs = P(qs[0], None, qs[2], None)
-    segs = () if segment_ids is None else (segment_ids,)
     return jax.shard_map(run, mesh=mesh, in_specs=(qs, kvs, kvs) + (P(qs[0], None),) * len(segs),
                          out_specs=kvs)(q, k, v, *segs)
 

@@ -7,8 +7,8 @@ on CPU (test_cpu_devices_unchanged), and quietly (test_cpu_runs_are_quiet_withou
 
 FLOPs: XLA counts what is compiled. For a dense model with XLA's attention that is the analytic 6 N +
 attention (checked to 5%); the flash attention kernels (model.attention_kernel 'auto' on TPU) count the
-blocks they multiply (`flash_attention_flops`); for dropless MoE layers it is every row of the static dispatch buffers (`compiled_flops` below): worst-case
-padding to blocks ('blocked'), D x the rows under expert parallelism (the receive buffer holds every row
+blocks they multiply (`flash_attention_flops`); for dropless MoE layers it is every row of the static
+dispatch buffers (`compiled_flops` below): worst-case padding to blocks ('blocked'), D x the rows under expert parallelism (the receive buffer holds every row
 all D devices could send), and for 'ragged_dot' a weight gradient over every local expert group (XLA:TPU
 lowers the transposed ragged dot to a dense masked convolution). The Pallas kernels ('pallas', the TPU
 default) report through their cost estimates what their tiles multiply: whole [tm, .] row tiles over the
@@ -36,6 +36,7 @@ import jax  # noqa: E402
 
 from moejax import aot  # noqa: E402
 from pallas_kernels import flash  # noqa: E402
+from pallas_kernels import flash_tpu  # noqa: E402
 from pallas_kernels import grouped_matmul  # noqa: E402
 from moejax import config as config_lib  # noqa: E402
 from moejax import dispatch  # noqa: E402
@@ -151,12 +152,12 @@ def compiled_flops(trainer: train.Trainer, batch: int, seq_len: int, backend: st
 
 def flash_attention_flops(m, seq_len: int, sequences: int) -> float:
     """FLOPs of the flash kernels' forward + backward (+ forward again under remat) for `sequences` sequences
-    of one layer: per head N (N + 1) / 2 blocks of t x t pairs, with 2 (hq + hv) FLOPs per pair forward,
-    4 (hq + hv) in the dkv kernel and 2 (2 hq + hv) in the dq kernel (pallas_kernels/flash_tpu.py)."""
-    t = flash.default_block(seq_len)
-    N, h = seq_len // t, m.head_width
-    per_pair = 2 * (h + h) * (2 if m.remat else 1) + 4 * (h + h) + 2 * (2 * h + h)
-    return sequences * m.n_heads * N * (N + 1) // 2 * t * t * per_pair
+    of one layer: what the kernels declare (pallas_kernels/flash_tpu.py; tests/test_flash.py checks the
+    declarations against the kernels' grids), which XLA counts for them."""
+    args = (sequences, m.n_heads, m.kv_heads, seq_len, m.head_width, m.head_width, flash.default_block(seq_len),
+            2, False)
+    fwd = flash_tpu.forward_cost(*args).flops
+    return fwd * (2 if m.remat else 1) + flash_tpu.dkv_cost(*args).flops + flash_tpu.dq_cost(*args).flops
 
 
 def check_report(r: dict, c, topology: str, mesh: dict | None, backend: str, padding: float = 1.05) -> None:

@@ -6,6 +6,8 @@ that each expert owns a contiguous run of rows (`Layout`). Two plans fill that b
 - `capacity_plan` (GShard/Switch): every expert gets exactly C rows; assignments past C are dropped
   (first come by pick then token order, or batch-prioritised by gate weight, Riquelme et al. 2021).
   A dropped assignment contributes 0; the token still flows through the residual.
+- `dropless_capacity_plan`: dropless as the capacity buffer of C = ceil(T K / E) rows per expert plus
+  `Overflow` blocks for what capacity would drop (the 'einsum' backend's dropless path, the CPU default).
 - `dropless_plan` (MegaBlocks-style): every assignment gets a row; each expert's rows are padded to a
   multiple of `block` so the buffer splits into G blocks owned by one expert each. Memory is
   O(T K d): no [T, E, C] tensor is built.
@@ -144,18 +146,76 @@ def capacity_plan(
     each token's top gate). An assignment whose rank in its expert is >= C is dropped.
     """
     T, K = expert_ids.shape
-    perm, sorted_ids, counts = _sorted_assignments(expert_ids, mask, n_experts, priority)
+    return _capacity_plan(*_sorted_assignments(expert_ids, mask, n_experts, priority), capacity, T, K)
+
+
+def _capacity_plan(perm, sorted_ids, counts, capacity, T, K) -> Plan:
+    E = counts.shape[0]
     rank = _rank(sorted_ids, counts)
-    keep = (sorted_ids < n_experts) & (rank < capacity)
-    M = n_experts * capacity
+    keep = (sorted_ids < E) & (rank < capacity)
+    M = E * capacity
     dest = jnp.where(keep, sorted_ids * capacity + rank, M)
     layout = Layout(
-        group_sizes=jnp.full((n_experts,), capacity, jnp.int32),
-        block_expert=jnp.arange(n_experts, dtype=jnp.int32),
+        group_sizes=jnp.full((E,), capacity, jnp.int32),
+        block_expert=jnp.arange(E, dtype=jnp.int32),
         block=capacity,
         per_expert=True,
     )
     return _plan(perm, dest, counts, layout, M, T, K)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Overflow:
+    """The assignments past their expert's C rows in a `dropless_capacity_plan`, as blocks of up to `block`
+    consecutive sorted assignments of one expert; blocks [0, n_blocks) are used, the rest are empty.
+
+    assignment: [N] int32 assignment k T + t at each sorted position (N = T K, sorted by expert).
+    block_expert, block_start (a sorted position), block_len: [G] int32. n_blocks: int32 scalar.
+    """
+
+    assignment: jax.Array
+    block_expert: jax.Array
+    block_start: jax.Array
+    block_len: jax.Array
+    n_blocks: jax.Array
+    block: int = dataclasses.field(metadata=dict(static=True))
+
+    def rows(self, i: jax.Array, n_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """Block i -> (expert, token [block], pick [block], valid [block]); invalid rows repeat a valid one."""
+        pos = self.block_start[i] + jnp.arange(self.block)
+        asg = self.assignment[jnp.minimum(pos, self.assignment.shape[0] - 1)]
+        return self.block_expert[i], asg % n_tokens, asg // n_tokens, jnp.arange(self.block) < self.block_len[i]
+
+
+def overflow_blocks(n_assignments: int, n_experts: int, capacity: int, block: int) -> int:
+    """G: the most blocks sum_e ceil(max(count_e - C, 0) / block) can need over all loads summing to at most N.
+    With m experts over capacity the overflow is at most N - m C rows in at most (N - m C + m (block - 1)) / block
+    blocks, linear in m, so the larger of m = 1 and m = E (at least 1: no empty arrays)."""
+    N, C, E, b = n_assignments, capacity, n_experts, block
+    return max(1, (N - C + b - 1) // b, (N - E * C + E * (b - 1)) // b)
+
+
+def dropless_capacity_plan(
+    expert_ids: jax.Array, mask: jax.Array, n_experts: int, capacity: int, block: int
+) -> tuple[Plan, Overflow]:
+    """Dropless dispatch as an [E, C] capacity buffer plus the overflow: each expert's first C assignments get
+    its C rows exactly as `capacity_plan` places them (for a per-expert batched matmul); the assignments it
+    would drop instead form `Overflow` blocks of up to `block` (for a loop over the used blocks only:
+    `moejax.experts.overflow_ffn`). Every unmasked assignment is computed once. expert_ids, mask: [T, K]."""
+    T, K = expert_ids.shape
+    perm, sorted_ids, counts = _sorted_assignments(expert_ids, mask, n_experts, None)
+    plan = _capacity_plan(perm, sorted_ids, counts, capacity, T, K)
+    over = jnp.maximum(counts - capacity, 0)  # [E] assignments past capacity
+    n = (over + block - 1) // block  # [E] blocks per expert
+    ends = jnp.cumsum(n)
+    j = jnp.arange(overflow_blocks(T * K, n_experts, capacity, block))
+    e = jnp.minimum(jnp.searchsorted(ends, j, side="right"), n_experts - 1)  # [G] (E - 1 past the used ones)
+    local = j - (ends - n)[e]  # block index within its expert's overflow
+    start = (jnp.cumsum(counts) - counts)[e] + capacity + local * block
+    length = jnp.clip(over[e] - local * block, 0, block)
+    return plan, Overflow(perm, e.astype(jnp.int32), start.astype(jnp.int32), length.astype(jnp.int32),
+                          ends[-1].astype(jnp.int32), block)
 
 
 def padded_layout(counts: jax.Array, n_rows: int, block: int) -> tuple[jax.Array, Layout]:

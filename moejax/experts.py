@@ -9,7 +9,8 @@ fsdp splits them (`_pallas_weight`).
 
 Grouped-matmul backends (`BACKENDS`) compute rows [M, d] x w[expert of row] for a dispatch `Layout`:
 - 'einsum':     per-expert batched einsum over an [E, C, d] buffer; needs a per-expert layout
-                (capacity or expert-choice dispatch).
+                (capacity or expert-choice dispatch). Dropless, moejax.moe runs it on the capacity part of
+                a `dispatch.dropless_capacity_plan` and the overflow in `overflow_ffn` (the CPU default).
 - 'blocked':    MegaBlocks-style: rows in blocks of `layout.block`, each block multiplied by its
                 expert's weights (gathered per block); works for every layout.
 - 'ragged_dot': jax.lax.ragged_dot over rows sorted by expert; works for every layout. Its CPU (and
@@ -23,6 +24,7 @@ Grouped-matmul backends (`BACKENDS`) compute rows [M, d] x w[expert of row] for 
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -30,7 +32,7 @@ import jax.numpy as jnp
 
 import pallas_kernels
 from moejax import sharding
-from moejax.dispatch import Layout
+from moejax.dispatch import Layout, Overflow
 
 ACTIVATIONS = ("swiglu", "gelu")
 
@@ -84,13 +86,14 @@ register_backend("pallas", _pallas)
 def default_backend(per_expert: bool, platform: str | None = None) -> str:
     """Fastest correct backend per platform: 'einsum' for per-expert (capacity) layouts everywhere;
     for dropless, 'pallas' on TPU (XLA:TPU's ragged_dot weight gradient compiles to 13.5x the useful
-    FLOPs, the Pallas tgmm to ~1.16x; experiments/benchmarks/README.md), 'blocked' on CPU (where Pallas
-    only interprets and ragged_dot multiplies every row by every expert) and on GPU (the Triton kernels
-    have not been timed on a GPU yet)."""
+    FLOPs, the Pallas tgmm to ~1.16x), 'einsum' on CPU (the capacity part of a dropless buffer by batched
+    einsum and the overflow by `overflow_ffn`: 0.65x the time of 'blocked' at the moe_layer benchmark's
+    shape a, which computes every block of the worst-case padded buffer) and 'blocked' on GPU (the Triton
+    kernels have not been timed on a GPU yet); experiments/benchmarks/README.md."""
     if per_expert:
         return "einsum"
     platform = platform or jax.default_backend()
-    return "pallas" if platform == "tpu" else "blocked"
+    return {"tpu": "pallas", "cpu": "einsum"}.get(platform, "blocked")
 
 
 def n_in(activation: str) -> int:
@@ -141,3 +144,63 @@ def grouped_ffn(
     else:  # one wide matmul
         proj = jnp.split(mm(rows, _w_in(params, activation), layout), n_in(activation), axis=-1)
     return mm(_act(proj, activation), params["w_down"], layout)
+
+
+def _expert(params: dict, e: jax.Array) -> dict:
+    return {k: jax.lax.dynamic_index_in_dim(v, e, 0, keepdims=False) for k, v in params.items()}
+
+
+def _overflow_block(x, gates, params, over: Overflow, i, activation):
+    """Block i of the overflow: (expert, tokens [b], picks [b], valid [b], gates [b], rows [b, d], weights)."""
+    e, tok, k, valid = over.rows(i, x.shape[0])
+    rows = jnp.where(valid[:, None], x[tok], 0)
+    return e, tok, k, valid, jnp.where(valid, gates[tok, k], 0), rows, _expert(params, e)
+
+
+def overflow_ffn(x: jax.Array, gates: jax.Array, params: dict, over: Overflow, activation: str) -> jax.Array:
+    """sum over the overflow assignments (t, k) -> e of gates[t, k] * FFN_e(x[t]), as float32 [T, d].
+
+    The part of a dropless layer that the capacity buffer of `dispatch.dropless_capacity_plan` leaves out,
+    computed block by block in a loop over the `over.n_blocks` used blocks only (one FFN of `over.block` rows
+    per step, its outputs added into the tokens' rows), so that its cost follows the actual overflow, not the
+    worst case; the backward pass runs the same loop, recomputing each block's FFN. For CPU and GPU (the adds
+    are scatters, element-serial on TPU). x [T, d]; gates [T, K]; params: expert weights [E, ...]. Inside a
+    shard_map the weights are cast to vary like x first (their per-device gradients are summed on the way back)."""
+    return _overflow_ffn(x, gates, sharding.vary_like(params, x), over, activation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _overflow_ffn(x, gates, params, over, activation):
+    return _overflow_fwd(x, gates, params, over, activation)[0]
+
+
+def _overflow_fwd(x, gates, params, over, activation):
+    def body(i, out):
+        _, tok, _, _, g, rows, w = _overflow_block(x, gates, params, over, i, activation)
+        return out.at[tok].add(g[:, None] * ffn(rows, w, activation).astype(jnp.float32))
+
+    out = jax.lax.fori_loop(0, over.n_blocks, body, sharding.vary_like(jnp.zeros(x.shape, jnp.float32), x))
+    return out, (x, gates, params, over)
+
+
+def _overflow_bwd(activation, res, ct):  # ct [T, d] float32
+    x, gates, params, over = res
+
+    def body(i, carry):
+        dx, dg, dw = carry
+        e, tok, k, valid, g, rows, w = _overflow_block(x, gates, params, over, i, activation)
+        y, vjp = jax.vjp(lambda r, w: ffn(r, w, activation), rows, w)
+        ct_rows = ct[tok]  # [b, d]
+        d_rows, d_w = vjp((g[:, None] * ct_rows).astype(y.dtype))
+        dx = dx.at[tok].add(jnp.where(valid[:, None], d_rows.astype(jnp.float32), 0))
+        dg = dg.at[tok, k].add(jnp.where(valid, jnp.sum(ct_rows * y.astype(jnp.float32), -1), 0))
+        dw = {n: jax.lax.dynamic_update_index_in_dim(v, _expert({n: v}, e)[n] + d_w[n], e, 0) for n, v in dw.items()}
+        return dx, dg, dw
+
+    zeros = sharding.vary_like((jnp.zeros(x.shape, jnp.float32), jnp.zeros(gates.shape, jnp.float32),
+                                jax.tree.map(jnp.zeros_like, params)), x)
+    dx, dg, dw = jax.lax.fori_loop(0, over.n_blocks, body, zeros)
+    return dx.astype(x.dtype), dg.astype(gates.dtype), dw, None
+
+
+_overflow_ffn.defvjp(_overflow_fwd, _overflow_bwd)

@@ -50,8 +50,11 @@ class MoEConfig:
     `bias_update_rate`). 'expert_choice' gives each expert C = S * top_k * capacity_factor / E tokens of each
     sequence. Dispatch: `dispatch` in DISPATCHES; 'capacity' uses `capacity_factor`, `batch_prioritized`, with
     capacity C = ceil(S K capacity_factor / E) per sequence of S tokens.
-    Backend: 'auto' or a name in experts.BACKENDS; `block_size` rows per block of a dropless 'blocked'
-    buffer, 0 = `dispatch.auto_block` (the largest power of two <= T K / E, at most 256).
+    Backend: 'auto' or a name in experts.BACKENDS. Dropless 'einsum' (the CPU default) runs a capacity
+    buffer of C = ceil(T K / E) rows per expert and loops over the rest (`dispatch.dropless_capacity_plan`);
+    it needs a mesh without expert or tensor split ('auto' takes 'blocked' there). `block_size`: rows per
+    block of a dropless 'blocked' buffer or of the 'einsum' overflow; 0 = `dispatch.auto_block` (the largest
+    power of two <= T K / E, at most 256 for 'blocked' and 64 for the overflow).
     Losses (coefficients, >= 0): aux_loss_coef (a1), device_loss_coef (a2, over `n_devices` groups of
     experts; 0 = the devices of the mesh's expert axis), seq_aux_loss_coef (DeepSeek-V3), z_loss_coef (ST-MoE).
     `disable_top` r > 0 masks each token's r best routed experts before its K picks: an evaluation ablation
@@ -122,8 +125,6 @@ class MoEConfig:
         if self.dispatch == "capacity":
             _require(self.capacity_factor > 0, "capacity_factor", self.capacity_factor, "> 0 with capacity dispatch")
         if self.dispatch == "dropless":
-            _require(self.backend != "einsum", "backend", self.backend,
-                     "'auto', 'blocked', 'ragged_dot' or 'pallas' with dispatch='dropless' ('einsum' needs capacity)")
             _require(not self.batch_prioritized, "batch_prioritized", self.batch_prioritized,
                      "False with dispatch='dropless' (nothing is dropped)")
         _require(self.n_groups >= 1 and (self.n_experts or 1) % self.n_groups == 0, "n_groups", self.n_groups,

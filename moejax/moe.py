@@ -193,7 +193,14 @@ class MoE(nnx.Module):
         f = c.expert_width
         tensor = [a for a in sharding.mesh_axes("mlp", mesh) if sharding.axis_size(a, mesh) > 1
                   and f % sharding.axis_size(a, mesh) == 0]
-        return dataclasses.replace(run, expert="expert" if n > 1 else None, n=n, tensor=tensor[0] if tensor else None)
+        run = dataclasses.replace(run, expert="expert" if n > 1 else None, n=n, tensor=tensor[0] if tensor else None)
+        if run.backend == "einsum" and (run.expert or run.tensor):  # dropless einsum: no expert or tensor split
+            if c.backend != "auto":
+                raise ValueError(f"MoEConfig.backend='einsum' with dispatch={c.dispatch!r} on a mesh with expert axis "
+                                 f"size {n} and tensor axis {run.tensor!r}; allowed: 'einsum' without expert or "
+                                 "tensor split, or 'auto', 'blocked', 'ragged_dot', 'pallas'")
+            run = dataclasses.replace(run, backend="blocked")
+        return run
 
     def _sharded(self, fn, x, *per_seq):
         """fn(x [b, S, d], *per_seq [b, ...], params, run) -> (y [b, S, d], per-sequence [b]) on every device's
@@ -227,6 +234,9 @@ class MoE(nnx.Module):
                 out = jax.vmap(dispatch.combine)(ys, w, plan)
             return out, jax.vmap(dispatch.dropped_count)(plan, mask)
         T = b * S
+        if run.backend == "einsum":  # the capacity part by batched einsum, the overflow in a loop (CPU default)
+            return self._dropless_einsum(x.reshape(T, d), ids.reshape(T, K), w.reshape(T, K), mask.reshape(T, K),
+                                         params).reshape(b, S, d), jnp.zeros((b,), jnp.int32)
         block = lambda n_assignments: (c.block_size or dispatch.auto_block(n_assignments, E)
                                        if run.backend == "blocked" else 1)  # rows per buffer block
         with jax.named_scope("moe/dispatch"):
@@ -245,6 +255,23 @@ class MoE(nnx.Module):
                 ys = dispatch.exchange_back(ys, ex, sent.shape[0], a2a)
             out = dispatch.combine(ys, w.reshape(T, K), plan).reshape(b, S, d)
         return out, jnp.zeros((b,), jnp.int32)
+
+    def _dropless_einsum(self, x, ids, w, mask, params):
+        """Dropless without padding blocks: x [T, d]; ids, w, mask [T, K] -> [T, d]. Each expert's first
+        C = ceil(T K / E) assignments run as one batched einsum over an [E, C, d] buffer, the rest (none when
+        loads are balanced) in `experts.overflow_ffn`'s loop over the used overflow blocks."""
+        c = self.config
+        (T, d), E, K = x.shape, c.n_slots, c.top_k
+        C = dispatch.capacity(T, K, c.n_experts, 1.0)
+        with jax.named_scope("moe/dispatch"):
+            plan, over = dispatch.dropless_capacity_plan(ids, mask, E, C,
+                                                         c.block_size or dispatch.auto_block(T * K, E, 64))
+            rows = dispatch.dispatch(x, plan)  # [E C, d]
+        with jax.named_scope("moe/experts"):
+            ys = experts.grouped_ffn(rows, params, plan.layout, c.activation, "einsum")
+            extra = experts.overflow_ffn(x, w, params, over, c.activation)  # [T, d] float32
+        with jax.named_scope("moe/combine"):
+            return (dispatch.combine(ys, w, plan).astype(jnp.float32) + extra).astype(x.dtype)
 
     def _per_expert_ffn(self, rows, params, run: _Run):
         """Expert FFNs over per-sequence buffers rows [b, E, C, d] -> [b, E, C, d]. With D expert devices a

@@ -155,6 +155,26 @@ def constrain(x: jax.Array, axes) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(axes, x.shape, mesh)))
 
 
+def _varying(a) -> set:
+    """The manual mesh axes an array varies over inside a shard_map (`.vma` in older JAX)."""
+    t = jax.typeof(a)
+    mat = getattr(t, "manual_axis_type", None)
+    return set(mat.varying if mat is not None else getattr(t, "vma", ()))
+
+
+def vary_like(tree, ref: jax.Array):
+    """tree's arrays marked varying over every manual mesh axis that ref varies over (inside a shard_map), so
+    that loop carries and custom-VJP cotangents computed from both have ref's type; outside one, tree as is.
+    The transpose of the cast sums the cotangent over those axes, as autodiff does for an invariant input."""
+    want = _varying(ref)
+
+    def cast(a):
+        extra = tuple(sorted(want - _varying(a)))
+        return jax.lax.pcast(a, extra, to="varying") if extra else a
+
+    return jax.tree.map(cast, tree) if want else tree
+
+
 def batch_shards(mesh=None) -> int:
     """Number of batch shards: the product of the BATCH_AXES sizes."""
     return math.prod(axis_size(a, mesh) for a in BATCH_AXES)

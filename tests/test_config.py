@@ -52,8 +52,6 @@ INVALID = {
     "gshard_top_k_3": (dict(router="gshard", top_k=3, dispatch="capacity"), "top_k", 3, ["2", "gshard"]),
     "expert_choice_dropless": (dict(router="expert_choice", dispatch="dropless"), "dispatch", "dropless",
                                ["capacity", "expert_choice"]),
-    "dropless_einsum_backend": (dict(dispatch="dropless", backend="einsum"), "backend", "einsum",
-                                ["blocked", "ragged_dot", "dropless"]),
     "aux_free_bias_with_gshard": (dict(router="gshard", dispatch="capacity", aux_free_bias=True), "aux_free_bias",
                                   True, ["topk"]),
     "sigmoid_with_gshard": (dict(router="gshard", dispatch="capacity", score_fn="sigmoid"), "score_fn", "sigmoid",

@@ -3,6 +3,8 @@ outputs and gradients (x, router, experts, shared), at tests/tolerances.py's sta
 from __future__ import annotations
 
 import dataclasses
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,7 +53,8 @@ DISPATCHES = {
 }
 # Backends: every registered one (experts.BACKENDS) that MoEConfig accepts with the dispatch mode.
 # Capacity layouts have one block per expert (block_size unused). Dropless buffers get block_size=5,
-# which divides none of T, T K, E ('blocked' pads each expert's rows to it); 'blocked' also runs with
+# which divides none of T, T K, E ('blocked' pads each expert's rows to it; dropless 'einsum' cuts the
+# overflow past C = T K / E rows per expert into blocks of it); 'blocked' and 'einsum' also run with
 # 1 and 4 for the E=8, K=2 routers (shapes shared, so cheap), which include GShard's masked picks.
 ALL_BLOCK_SIZES = ("topk_softmax", "topk_group_top2sum_bias", "gshard", "gshard_train")
 
@@ -67,7 +70,7 @@ def backends_for(router: str, dname: str) -> list:
         if not dropless:
             out.append(dict(backend=b))
             continue
-        sizes = (5, 1, 4) if b == "blocked" and router in ALL_BLOCK_SIZES else (5,)
+        sizes = (5, 1, 4) if b in ("blocked", "einsum") and router in ALL_BLOCK_SIZES else (5,)
         out += [dict(backend=b, block_size=s) for s in sizes]
     return out
 
@@ -307,6 +310,57 @@ HAND_MASK = jnp.array([[1, 1], [1, 1], [1, 1], [1, 1], [1, 0]], bool)  # (t=4, k
 HAND_C = 2  # M = E C = 6 rows; slot 6 = dropped/masked
 
 
+def test_dropless_capacity_plan_by_hand():
+    """T 6, K 2, E 3, C 2, overflow blocks of 2: expert 0 gets 7 assignments (5 past C: blocks of 2, 2, 1),
+    expert 1 gets 3 (1 past C), expert 2 gets 1; one pick is masked. The capacity part is capacity_plan's."""
+    ids = jnp.array([[0, 1], [0, 1], [0, 2], [0, 0], [1, 0], [0, 1]], jnp.int32)
+    mask = jnp.ones((6, 2), bool).at[5, 1].set(False)
+    plan, over = dispatch.dropless_capacity_plan(ids, mask, 3, 2, 2)
+    cap = dispatch.capacity_plan(ids, mask, 3, 2)
+    for a, b in zip(jax.tree.leaves(plan), jax.tree.leaves(cap)):
+        np.testing.assert_array_equal(a, b)
+    assert int(over.n_blocks) == 4 and over.block_expert.shape == (dispatch.overflow_blocks(12, 3, 2, 2),)
+    # expert 0's assignments k T + t in sorted order: 0, 1, 2, 3, 5, 9, 10 (first picks, then second picks)
+    blocks = []
+    for i in range(int(over.n_blocks)):
+        e, tok, k, valid = (np.asarray(a) for a in over.rows(jnp.int32(i), 6))
+        blocks.append((int(e), [(int(t), int(kk)) for t, kk, v in zip(tok, k, valid) if v]))
+    # (token, pick) past C: expert 0's are (2, 0) (3, 0) (5, 0) (3, 1) (4, 1), expert 1's (1, 1)
+    assert blocks == [(0, [(2, 0), (3, 0)]), (0, [(5, 0), (3, 1)]), (0, [(4, 1)]), (1, [(1, 1)])]
+
+
+@pytest.mark.parametrize("N,E,C,block", [(12, 3, 2, 2), (12, 4, 1, 3), (10, 4, 2, 1), (12, 3, 5, 4), (9, 2, 1, 4)])
+def test_overflow_blocks_is_the_most_any_load_needs(N, E, C, block):
+    """`overflow_blocks` (the static size of the overflow block table) against every load of at most N
+    assignments on E experts: never fewer blocks than a load needs, and no more than the worst load needs."""
+    loads = np.array([c for c in itertools.product(range(N + 1), repeat=E) if sum(c) <= N])  # [n_loads, E]
+    need = (-(-np.maximum(loads - C, 0) // block)).sum(1)
+    assert dispatch.overflow_blocks(N, E, C, block) == max(1, need.max())
+
+
+def test_dropless_einsum_overflow_loop_matches_reference():
+    """Routing pushed onto experts 0 and 1 (bias +10 on sigmoid scores in (0, 1)): nearly all of the T K = 32
+    assignments are past C = 4, in 2 experts' runs of overflow blocks of 3; values and gradients (x, router, every
+    expert weight) equal the loop reference in float32 (swiglu, gelu); with bfloat16 activations the values do
+    (gradients accumulate bfloat16 products, as in every backend: test_bf16_activations_route_in_f32)."""
+    for activation, dtype, tol in (("swiglu", jnp.float32, F32), ("gelu", jnp.float32, F32),
+                                   ("swiglu", jnp.bfloat16, BF16)):
+        cfg = MoEConfig(D, DFF, 8, 2, score_fn="sigmoid", aux_free_bias=True, backend="einsum", block_size=3,
+                        activation=activation)
+        model = make_model(cfg)
+        model.bias[...] = jnp.zeros(8).at[:2].set(10.0)
+        x, cot, _ = inputs(dtype=dtype)
+        p = ref.params_of(model)
+        dec = ref.decide(p, x.astype(jnp.float32), cfg)
+        assert all(sorted(pk) == [0, 1] for pk in dec.picks)
+        y_ref, gp_ref, gx_ref = ref_value_and_grads(p, x.astype(jnp.float32), cot, cfg, dec)
+        y, stats, gp, gx = moe_value_and_grads(model, x, cot)
+        assert float(stats.dropped) == 0.0 and list(np.asarray(stats.load)[:2]) == [T, T]
+        assert y.dtype == dtype and gx.dtype == dtype
+        got, want = ((y, gx, gp), (y_ref, gx_ref, gp_ref)) if dtype == jnp.float32 else (y, y_ref)
+        assert_trees_close(got, want, tol, f"{activation} {dtype.__name__} ")
+
+
 def test_capacity_plan_first_come_by_hand():
     # k=0 in token order: t0->e0 r0, t1->e0 r1, t2->e1 r0, t3->e0 DROP, t4->e2 r0
     # k=1 in token order: t0->e1 r1, t1->e2 r1, t2->e0 DROP, t3->e1 DROP, t4 masked
@@ -431,6 +485,7 @@ def _eqns(jaxpr):
 
 @pytest.mark.parametrize("router,dname,backend", [
     ("topk_sigmoid_norm_scale_bias_shared", "dropless", "blocked"),
+    ("topk_sigmoid_norm_scale_bias_shared", "dropless", "einsum"),
     ("topk_softmax", "cap_drop", "einsum"),
     ("gshard", "dropless", "ragged_dot"),
     ("expert_choice", "cap_drop", "einsum"),
@@ -506,7 +561,8 @@ def dropless_cases(draw):
     K = draw(st.integers(1, E))
     return (draw(st.integers(1, 2)), draw(st.integers(1, 5)), E, K, draw(st.integers(0, E - K)),
             draw(st.sampled_from(["softmax", "sigmoid"])),
-            draw(st.sampled_from([("blocked", 1), ("blocked", 3), ("ragged_dot", 1)])), draw(st.integers(0, 1000)))
+            draw(st.sampled_from([("blocked", 1), ("blocked", 3), ("ragged_dot", 1), ("einsum", 1), ("einsum", 2)])),
+            draw(st.integers(0, 1000)))
 
 
 @settings(max_examples=12, deadline=None, derandomize=True, database=None,

@@ -15,7 +15,9 @@ every expert) gets 1 warm-up + 1 timed run. Memory is XLA's compiled temp alloca
 run). A step whose temp memory exceeds --max-run-gib (default: half the free memory, `common.available_mib`:
 the device's on GPU and TPU, MemAvailable on CPU) is not run.
 
-Expert backends: 'einsum', 'blocked' and 'ragged_dot' everywhere; dropless 'pallas' (the Pallas grouped
+Expert backends: 'einsum', 'blocked' and 'ragged_dot' everywhere (dropless 'einsum': the capacity part of the
+buffer by batched einsum, the assignments past C = ceil(T K / E) rows of their expert in a loop; the row
+records that overflow's fraction of the assignments); dropless 'pallas' (the Pallas grouped
 matmul, pallas_kernels.gmm) only where jax.default_backend() is not 'cpu' (on CPU Pallas interprets its
 kernels, so timing it there means nothing; experiments/benchmarks/gmm.py times the kernels alone).
 
@@ -37,10 +39,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from experiments.benchmarks import common
-from moejax import moe
+from moejax import dispatch as dispatch_lib, moe
 from moejax import model_config
 
 MiB = 2.0 ** 20
@@ -82,9 +85,19 @@ def variants(quick: bool) -> list[tuple[str, str, dict]]:
     for block in ((16,) if quick else (64, 128, 256)):
         out.append(("dropless", "blocked", dict(block_size=block)))
     out.append(("dropless", "ragged_dot", {}))
+    out.append(("dropless", "einsum", {}))  # capacity rows by einsum + the overflow loop (the CPU default)
     if jax.default_backend() != "cpu":  # Pallas only interprets on CPU
         out.append(("dropless", "pallas", {}))
     return out
+
+
+def overflow_fraction(config: model_config.MoEConfig, x: jax.Array) -> float:
+    """Fraction of the layer's assignments past C = ceil(T K / E) rows of their expert (run by dropless
+    'einsum' in its overflow loop), for the router as make_step initialises it (seed 0) on x [B, S, d]."""
+    r = moe.MoE(config, rngs=nnx.Rngs(0)).route(x)
+    counts = np.bincount(np.asarray(r.expert_ids)[np.asarray(r.mask)], minlength=config.n_experts)
+    C = dispatch_lib.capacity(counts.sum() // config.top_k, config.top_k, config.n_experts, 1.0)
+    return float(np.maximum(counts - C, 0).sum() / counts.sum())
 
 
 def make_step(config: model_config.MoEConfig, seed: int = 0):
@@ -148,6 +161,8 @@ def measure(shape: Shape, dispatch, backend, extra, dense, repeats: int, max_run
         temp_mib=temp_mib(compiled), temp_mib_big=temp_mib(compile_step(step, params, shape, big_T, dtype)),
         T_big=big_T,
     )
+    if dispatch == "dropless" and backend == "einsum":
+        row["overflow_fraction"] = overflow_fraction(config_for(shape, dispatch, backend, extra), x)
     reps = 1 if backend == "ragged_dot" else repeats
     if row["temp_mib"] > max_run_mib:
         row.update(time_ms=float("nan"), dense_ms=float("nan"), ratio_vs_dense=float("nan"), times_ms=[],
@@ -162,7 +177,8 @@ def measure(shape: Shape, dispatch, backend, extra, dense, repeats: int, max_run
                    runs=f"1 warm-up + {reps} timed" + (" (ragged_dot: CPU lowering is dense over experts)"
                                                        if backend == "ragged_dot" else ""))
         row["ratio_vs_dense"] = row["time_ms"] / row["dense_ms"]
-    log(f"  {row['dispatch']:8s} {row['backend']:10s} cf={row['cf']} block={row['block']}: "
+    over = f" overflow {row['overflow_fraction']:.3f}" if "overflow_fraction" in row else ""
+    log(f"  {row['dispatch']:8s} {row['backend']:10s} cf={row['cf']} block={row['block']}{over}: "
         f"{row['time_ms']:9.1f} ms vs dense {row['dense_ms']:7.1f} ms = {row['ratio_vs_dense']:6.2f}x "
         f"(cpu-time ratio {row['cpu_ratio_vs_dense']:5.2f}x)  "
         f"({row['runs']}; compile {compile_ms:.0f} ms)  temp {row['temp_mib']:.1f} / {row['temp_mib_big']:.1f} MiB")

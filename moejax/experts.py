@@ -150,7 +150,7 @@ def _expert(params: dict, e: jax.Array) -> dict:
     return {k: jax.lax.dynamic_index_in_dim(v, e, 0, keepdims=False) for k, v in params.items()}
 
 
-def _overflow_block(x, gates, params, over: Overflow, i, activation):
+def _overflow_block(x, gates, params, over: Overflow, i):
     """Block i of the overflow: (expert, tokens [b], picks [b], valid [b], gates [b], rows [b, d], weights)."""
     e, tok, k, valid = over.rows(i, x.shape[0])
     rows = jnp.where(valid[:, None], x[tok], 0)
@@ -176,7 +176,7 @@ def _overflow_ffn(x, gates, params, over, activation):
 
 def _overflow_fwd(x, gates, params, over, activation):
     def body(i, out):
-        _, tok, _, _, g, rows, w = _overflow_block(x, gates, params, over, i, activation)
+        _, tok, _, _, g, rows, w = _overflow_block(x, gates, params, over, i)
         return out.at[tok].add(g[:, None] * ffn(rows, w, activation).astype(jnp.float32))
 
     out = jax.lax.fori_loop(0, over.n_blocks, body, sharding.vary_like(jnp.zeros(x.shape, jnp.float32), x))
@@ -188,7 +188,7 @@ def _overflow_bwd(activation, res, ct):  # ct [T, d] float32
 
     def body(i, carry):
         dx, dg, dw = carry
-        e, tok, k, valid, g, rows, w = _overflow_block(x, gates, params, over, i, activation)
+        e, tok, k, valid, g, rows, w = _overflow_block(x, gates, params, over, i)
         y, vjp = jax.vjp(lambda r, w: ffn(r, w, activation), rows, w)
         ct_rows = ct[tok]  # [b, d]
         d_rows, d_w = vjp((g[:, None] * ct_rows).astype(y.dtype))

@@ -3,6 +3,8 @@ Speed itself is measured by the benchmark, never asserted here."""
 import json
 import math
 
+import pytest
+
 from experiments.benchmarks import moe_layer
 
 
@@ -21,14 +23,20 @@ def test_moe_layer_quick(tmp_path):
 
 def test_train_throughput_quick(tmp_path):
     """Smoke test of experiments/benchmarks/train_throughput.py: tiny scale, the dense baselines and one
-    2x-active MoE row, one timed step each; the JSON is strict and the ratios pick the right baselines."""
+    2x-active MoE row on its default backend and on 'blocked', one timed step each; the JSON is strict and
+    the ratios pick the right baselines."""
     from experiments.benchmarks import train_throughput
 
     out = tmp_path / "rows.json"
-    train_throughput.main(["--quick", "--methods", "gshard", "--repeats", "1", "--json", str(out)])
+    train_throughput.main(["--quick", "--methods", "gshard@blocked", "--repeats", "1", "--json", str(out)])
     rows = {r["method"]: r for r in json.loads(out.read_text())}
-    assert set(rows) == {"dense", "dense2x", "gshard"}  # baselines added for the 2x-active row
-    assert [r["equal_active_baseline"] for r in rows.values()] == ["dense", "dense2x", "dense2x"]
+    assert list(rows) == ["dense", "dense2x", "gshard", "gshard@blocked"]  # baselines and the method added
+    assert [r["equal_active_baseline"] for r in rows.values()] == ["dense", "dense2x", "dense2x", "dense2x"]
+    assert math.isfinite(rows["gshard@blocked"]["ratio_vs_default_backend"])
+    assert len(rows["gshard@blocked"]["ratios_vs_default_backend"]) == 1 and "ratio_vs_default_backend" not in rows["gshard"]
+    for bad in ("dense@blocked", "gshard@nope", "nope"):
+        with pytest.raises(ValueError, match=rf"methods \['{bad}'\] are invalid; allowed: .*@ a backend in"):
+            train_throughput.rows_for([bad])
     assert rows["dense"]["ratio_vs_dense"] == 1.0 and rows["dense2x"]["ratio_vs_equal_active"] == 1.0
     assert rows["gshard"]["params_active_ffn"] == rows["dense2x"]["params_active_ffn"]
     assert rows["gshard"]["params_total"] > 5 * rows["gshard"]["params_active"]

@@ -19,6 +19,9 @@ Rows per scale (configs/deepseekmoe_table1.py SCALES; every FFN replaced, no den
   switch       16 experts, softmax top-1                       1x
   gshard       16 experts, top-2                               2x
   deepseekmoe  1 shared + 63 routed experts of d_ff/4, top-7   2x
+`--methods gshard@blocked,...` adds rows of a method on another expert backend (moejax.experts.BACKENDS; the
+default is 'auto'), with its tokens/s ratio to the same method's default row, round by round
+(`ratios_vs_default_backend` in the JSON).
 Each row reports total parameters, active parameters (metrics.active_params: attention, FFN, router and
 the unembedding, which with tied embeddings is the embedding matrix, so it is counted once), training
 FLOPs per token (metrics.flops_per_token, 6 N_active + 12 L d S), the median step time, tokens/s, model
@@ -52,6 +55,7 @@ import numpy as np
 from experiments.benchmarks import common
 from configs import deepseekmoe_table1 as table1
 from moejax import config as config_lib
+from moejax import experts
 from moejax import metrics
 from moejax import model as model_lib
 from moejax import model_config as mc_lib
@@ -83,21 +87,31 @@ def scales() -> dict[str, Scale]:
 
 
 def model_config(method: str, s: Scale) -> model_lib.ModelConfig:
-    """The Table-1 model of `method` at scale s; 'dense2x' is the dense model with FFN width 2 d_ff."""
+    """The Table-1 model of `method` at scale s; 'dense2x' is the dense model with FFN width 2 d_ff;
+    'METHOD@BACKEND' is METHOD with its experts on moejax.experts backend BACKEND."""
+    method, _, backend = method.partition("@")
     ffn = mc_lib.dense(s.d_model, 2 * s.d_ff) if method == "dense2x" else table1.moe_config(method, s.d_model, s.d_ff)
+    if backend:
+        ffn = dataclasses.replace(ffn, backend=backend)
     return model_lib.ModelConfig(vocab_size=VOCAB, d_model=s.d_model, n_layers=s.n_layers, n_heads=s.n_heads,
                                  moe=ffn, max_len=s.seq_len)
 
 
 def rows_for(methods) -> list[str]:
-    """Rows to run, in ROWS order: the methods asked for plus the dense baselines their ratios need."""
+    """Rows to run, in ROWS order: the methods asked for plus the dense baselines their ratios need; a row
+    'METHOD@BACKEND' (an MoE method on another expert backend) also brings METHOD and follows it."""
     methods = set(methods) | {"dense"}
+    variants = {m for m in methods if "@" in m}
+    methods = (methods - variants) | {m.partition("@")[0] for m in variants}
     if methods & {"gshard", "deepseekmoe"}:
         methods.add("dense2x")
     unknown = methods - set(ROWS)
-    if unknown:
-        raise ValueError(f"methods {sorted(unknown)} are invalid; allowed: {ROWS}")
-    return [m for m in ROWS if m in methods]
+    bad = sorted(m for m in variants if m.partition("@")[0] in ("dense", "dense2x")
+                 or m.partition("@")[2] not in experts.BACKENDS)
+    if unknown or bad:
+        raise ValueError(f"methods {sorted(unknown) + bad} are invalid; allowed: {ROWS}, or an MoE method "
+                         f"@ a backend in {tuple(experts.BACKENDS)}")
+    return [r for m in ROWS if m in methods for r in [m] + sorted(v for v in variants if v.startswith(m + "@"))]
 
 
 def synthetic_batch(s: Scale, seed: int = 0) -> dict:
@@ -195,6 +209,10 @@ def run_scale(s: Scale, methods, repeats: int, log=print) -> list[dict]:
                    ratio_vs_dense=_median_ratio(by_name["dense"], row),
                    equal_active_baseline=base.method if base else None,
                    ratio_vs_equal_active=_median_ratio(base, row) if base else float("nan"))
+        if "@" in row.method:  # against the same method on its default backend, round by round
+            default = by_name[row.method.partition("@")[0]]
+            res.update(ratios_vs_default_backend=[b / r for b, r in zip(default.wall, row.wall)],
+                       ratio_vs_default_backend=_median_ratio(default, row))
         log(f"  {row.method:12s} {res['step_ms']:9.1f} ms/step  {res['tokens_per_s']:9.0f} tokens/s  "
             f"x{res['ratio_vs_dense']:.2f} vs dense, "
             f"x{res['ratio_vs_equal_active']:.2f} vs {res['equal_active_baseline']}"

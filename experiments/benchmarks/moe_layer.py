@@ -228,7 +228,7 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         knob = f"cf {r['cf']}" if r["cf"] is not None else (f"block {r['block']}" if r["block"] else "-")
-        ran = r["time_ms"] == r["time_ms"]  # not NaN
+        ran = r["time_ms"] is not None and r["time_ms"] == r["time_ms"]  # not NaN (null in a saved JSON)
         t = f"{r['time_ms']:.1f}" if ran else "-"
         ratio = f"{r['ratio_vs_dense']:.2f}x" if ran else "-"
         lines.append(f"| {r['shape']} | {r['dispatch']} | {r['backend']} | {knob} | {t} | {ratio} "

@@ -9,8 +9,9 @@ of the config's shape, float32, as the executable `Trainer.train_step.lower(...)
 program the training loop runs; the state is donated and carried from call to call). Data loading is
 excluded: batches are synthetic byte tokens (uniform in [0, 256), vocabulary 384 as the byte tokenizer),
 one document per row, every target weighted, the same batch every step (the model memorises it; the
-JSON's loss_last only shows the run stayed finite). Every method dispatches dropless with a static buffer
-(configs/deepseekmoe_table1.py), so step time does not depend on the tokens' routing.
+JSON's loss_last only shows the run stayed finite). Every method dispatches dropless
+(configs/deepseekmoe_table1.py); on CPU the default expert backend, dropless 'einsum', loops over the
+assignments past ceil(T K / E) rows of their expert, so step time depends a little on the routing.
 
 Rows per scale (configs/deepseekmoe_table1.py SCALES; every FFN replaced, no dense first layer):
   dense        the standard FFN of width d_ff                  active FFN 1x
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import statistics
 import time
@@ -235,17 +237,37 @@ def _m(n: float) -> str:
     return f"{n / 1e6:.2f}M"
 
 
+def ratio_interval(base_ms: list[float], row_ms: list[float]) -> str:
+    """Per-round tokens/s ratios row / base (= base ms / row ms, the rounds paired): their mean and 95%
+    interval, mean ± t_{0.975, n-1} s / sqrt(n); '-' with fewer than 2 rounds."""
+    r = np.array(base_ms) / np.array(row_ms)
+    if len(r) < 2:
+        return "-"
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, len(r) - 1) * np.std(r, ddof=1) / np.sqrt(len(r))
+    return f"{r.mean():.2f} [{r.mean() - half:.2f}, {r.mean() + half:.2f}]"
+
+
 def table(rows: list[dict]) -> str:
+    """Markdown table of the rows (also `--table FILE` from a saved JSON). The bracketed columns are per-round
+    means with 95% intervals (`ratio_interval`); 'vs default backend' only for METHOD@BACKEND rows."""
     lines = ["| scale | method | params | active | active FFN | MFLOP/token | ms/step | tokens/s | model GFLOP/s "
-             "| vs dense | vs equal-active dense | temp MiB |", "|" + "---|" * 12]
+             "| vs dense | vs equal-active dense | per round [95%] | vs default backend [95%] | temp MiB |",
+             "|" + "---|" * 14]
+    by = {(r["scale"], r["method"]): r for r in rows}
     for r in rows:
         eq = r["ratio_vs_equal_active"]
+        base = by.get((r["scale"], r["equal_active_baseline"]))
+        ci = ratio_interval(base["times_ms"], r["times_ms"]) if base else "-"
         eq = f"{eq:.2f}x ({r['equal_active_baseline']})" if eq == eq else "-"
+        default = by.get((r["scale"], r["method"].partition("@")[0])) if "@" in r["method"] else None
+        vs_default = ratio_interval(default["times_ms"], r["times_ms"]) if default else "-"
         lines.append(
             f"| {r['scale']} | {r['method']} | {_m(r['params_total'])} | {_m(r['params_active'])} "
             f"| {r['ffn_active_x']:.0f}x | {r['flops_per_token'] / 1e6:.1f} | {r['step_ms']:.0f} "
             f"| {r['tokens_per_s']:.0f} | {r['model_gflops_per_s']:.0f} | {r['ratio_vs_dense']:.2f}x | {eq} "
-            f"| {r['temp_mib']:.0f} |")
+            f"| {ci} | {vs_default} | {r['temp_mib']:.0f} |")
     return "\n".join(lines)
 
 
@@ -258,7 +280,11 @@ def main(argv=None) -> None:
     p.add_argument("--scales", default=None, help="comma-separated scales (default tiny,small; tiny with --quick)")
     p.add_argument("--methods", default=",".join(ROWS),
                    help="comma-separated rows; dense (and dense2x for gshard/deepseekmoe) are always added")
+    p.add_argument("--table", metavar="FILE", help="print the table of a saved JSON and exit (runs nothing)")
     args = p.parse_args(argv)
+    if args.table:
+        print(table(json.load(open(args.table))))
+        return
     known = scales()
     names = tuple(args.scales.split(",")) if args.scales else None
     for name in names or ():

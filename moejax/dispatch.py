@@ -182,7 +182,8 @@ class Overflow:
     block: int = dataclasses.field(metadata=dict(static=True))
 
     def rows(self, i: jax.Array, n_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """Block i -> (expert, token [block], pick [block], valid [block]); invalid rows repeat a valid one."""
+        """Block i -> (expert, token [block], pick [block], valid [block]); rows past block_len are not valid
+        (their token and pick are of some other assignment: mask them)."""
         pos = self.block_start[i] + jnp.arange(self.block)
         asg = self.assignment[jnp.minimum(pos, self.assignment.shape[0] - 1)]
         return self.block_expert[i], asg % n_tokens, asg // n_tokens, jnp.arange(self.block) < self.block_len[i]

@@ -54,8 +54,9 @@ DISPATCHES = {
 # Backends: every registered one (experts.BACKENDS) that MoEConfig accepts with the dispatch mode.
 # Capacity layouts have one block per expert (block_size unused). Dropless buffers get block_size=5,
 # which divides none of T, T K, E ('blocked' pads each expert's rows to it; dropless 'einsum' cuts the
-# overflow past C = T K / E rows per expert into blocks of it); 'blocked' and 'einsum' also run with
-# 1 and 4 for the E=8, K=2 routers (shapes shared, so cheap), which include GShard's masked picks.
+# overflow past C = T K / E rows per expert into blocks of it; test_dropless_property draws 1 and 2);
+# 'blocked' also runs with 1 and 4 for the E=8, K=2 routers (shapes shared, so cheap), which include
+# GShard's masked picks.
 ALL_BLOCK_SIZES = ("topk_softmax", "topk_group_top2sum_bias", "gshard", "gshard_train")
 
 
@@ -70,7 +71,7 @@ def backends_for(router: str, dname: str) -> list:
         if not dropless:
             out.append(dict(backend=b))
             continue
-        sizes = (5, 1, 4) if b in ("blocked", "einsum") and router in ALL_BLOCK_SIZES else (5,)
+        sizes = (5, 1, 4) if b == "blocked" and router in ALL_BLOCK_SIZES else (5,)
         out += [dict(backend=b, block_size=s) for s in sizes]
     return out
 

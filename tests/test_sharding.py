@@ -197,7 +197,8 @@ def test_device_loss_uses_the_mesh_expert_axis():
 
 def test_dropless_einsum_needs_no_expert_or_tensor_split():
     """Dropless 'einsum' (the CPU default) has no exchange or tensor-split path: asked for by name on an expert
-    or tensor mesh it raises, naming the field; 'auto' takes 'blocked' there (test_sharded_step_equals_single_device)."""
+    or tensor mesh it raises, naming the field; 'auto' takes 'blocked' there
+    (test_sharded_step_equals_single_device)."""
     cfg = mc_lib.deepseekmoe(16, 64, n_experts=4, m=4, n_shared=1, pad_experts_to=4, backend="einsum")
     layer = moe.MoE(cfg, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(0), (8, 8, 16))

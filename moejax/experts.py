@@ -194,7 +194,8 @@ def _overflow_bwd(activation, res, ct):  # ct [T, d] float32
         d_rows, d_w = vjp((g[:, None] * ct_rows).astype(y.dtype))
         dx = dx.at[tok].add(jnp.where(valid[:, None], d_rows.astype(jnp.float32), 0))
         dg = dg.at[tok, k].add(jnp.where(valid, jnp.sum(ct_rows * y.astype(jnp.float32), -1), 0))
-        dw = {n: jax.lax.dynamic_update_index_in_dim(v, _expert({n: v}, e)[n] + d_w[n], e, 0) for n, v in dw.items()}
+        dw = {n: jax.lax.dynamic_update_index_in_dim(v, jax.lax.dynamic_index_in_dim(v, e, 0, False) + d_w[n], e, 0)
+              for n, v in dw.items()}
         return dx, dg, dw
 
     zeros = sharding.vary_like((jnp.zeros(x.shape, jnp.float32), jnp.zeros(gates.shape, jnp.float32),

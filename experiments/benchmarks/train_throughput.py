@@ -56,6 +56,7 @@ import numpy as np
 
 from experiments.benchmarks import common
 from configs import deepseekmoe_table1 as table1
+from experiments.deepseekmoe import report
 from moejax import config as config_lib
 from moejax import experts
 from moejax import metrics
@@ -240,13 +241,12 @@ def _m(n: float) -> str:
 def ratio_interval(base_ms: list[float], row_ms: list[float]) -> str:
     """Per-round tokens/s ratios row / base (= base ms / row ms, the rounds paired): their mean and 95%
     interval, mean ± t_{0.975, n-1} s / sqrt(n); '-' with fewer than 2 rounds."""
-    r = np.array(base_ms) / np.array(row_ms)
+    r = tuple(b / m for b, m in zip(base_ms, row_ms))
     if len(r) < 2:
         return "-"
-    from scipy import stats
-
-    half = stats.t.ppf(0.975, len(r) - 1) * np.std(r, ddof=1) / np.sqrt(len(r))
-    return f"{r.mean():.2f} [{r.mean() - half:.2f}, {r.mean() + half:.2f}]"
+    p = report.Paired(seeds=tuple(range(len(r))), diffs=r)  # the results record's t interval, rounds as seeds
+    lo, hi = p.interval
+    return f"{p.mean:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def table(rows: list[dict]) -> str:

@@ -70,22 +70,36 @@ def capacity(n_tokens: int, k: int, n_experts: int, capacity_factor: float) -> i
     return max(1, math.ceil(n_tokens * k * capacity_factor / n_experts))
 
 
+def _sort_pairs(key: jax.Array, value: jax.Array, n_keys: int, n_values: int) -> tuple[jax.Array, jax.Array]:
+    """(key, value) pairs [N] int32 sorted by key, then value: (sorted keys, their values). key in [0, n_keys),
+    value in [0, n_values). Where they fit, packed into one uint32 (key * 2^b + value, 2^b >= n_values) and
+    sorted as one array: XLA:CPU sorts a single array of numbers with a native comparison, 4-5x faster than a
+    multi-operand sort, which calls a compiled comparator per comparison (14336 pairs: 0.5 vs 2.3 ms);
+    else one two-operand sort on both (the same order)."""
+    bits = max(1, (n_values - 1).bit_length())
+    if n_keys << bits > 2 ** 32:
+        return jax.lax.sort((key, value), num_keys=2)
+    packed = jax.lax.sort((key.astype(jnp.uint32) << bits) | value.astype(jnp.uint32))
+    return (packed >> bits).astype(jnp.int32), (packed & (2 ** bits - 1)).astype(jnp.int32)
+
+
 def _sorted_assignments(expert_ids, mask, n_experts, priority):
     """Assignments n = k*T + t sorted by (expert, priority order); masked ones last (expert id E).
     -> perm [N] (assignment at each sorted position), sorted_ids [N], counts [E].
-    One multi-operand sort gives both the order and the sorted ids (no gather: the XLA:TPU cost model
-    charges a gather of N int32 from an [N] array ~0.2 GB at the DeepSeekMoE-16B shape, where the sort costs
-    nearly nothing); priority [T] orders the tokens of each pick by decreasing priority (ties: token order).
-    Counts by comparison, not bincount (a scatter: element-serial on TPU)."""
+    One sort gives both the order and the sorted ids (no gather: the XLA:TPU cost model charges a gather of
+    N int32 from an [N] array ~0.2 GB at the DeepSeekMoE-16B shape, where the sort costs nearly nothing);
+    without priority, (expert, n) packed into one key (`_sort_pairs`); priority [T] orders the tokens of each
+    pick by decreasing priority (ties: token order). Counts by binary search of the sorted ids, not bincount
+    (a scatter: element-serial on TPU)."""
     T, K = expert_ids.shape
     ids = jnp.where(mask, expert_ids, n_experts).T.reshape(-1).astype(jnp.int32)  # [N] k-major
     n = jnp.arange(T * K, dtype=jnp.int32)
     if priority is None:
-        sorted_ids, perm = jax.lax.sort((ids, n), num_keys=1, is_stable=True)
+        sorted_ids, perm = _sort_pairs(ids, n, n_experts + 1, T * K)
     else:  # by expert, then pick, then decreasing priority; stable: ties in token order
         sorted_ids, _, _, perm = jax.lax.sort((ids, n // T, jnp.tile(-priority, K), n), num_keys=3, is_stable=True)
-    counts = jnp.sum(ids[None, :] == jnp.arange(n_experts)[:, None], axis=1, dtype=jnp.int32)  # [E]
-    return perm, sorted_ids, counts
+    starts = jnp.searchsorted(sorted_ids, jnp.arange(n_experts + 1, dtype=jnp.int32), method="scan_unrolled")
+    return perm, sorted_ids, jnp.diff(starts).astype(jnp.int32)  # counts [E]
 
 
 def _rank(sorted_ids, counts):
@@ -94,10 +108,10 @@ def _rank(sorted_ids, counts):
     return jnp.arange(sorted_ids.shape[0]) - start[sorted_ids]
 
 
-def _inverse_slots(perm, dest):
-    """slot [N]: dest of assignment n, i.e. dest o perm^-1 (perm [N] a permutation), by one sort keyed on
-    perm (a gather at argsort(perm) costs a sort and a gather)."""
-    return jax.lax.sort((perm, dest.astype(jnp.int32)), num_keys=1)[1]
+def _inverse_slots(perm, dest, n_rows):
+    """slot [N]: dest of assignment n, i.e. dest o perm^-1 (perm [N] a permutation, dest [N] in [0, n_rows]),
+    by one sort keyed on perm (`_sort_pairs`; a gather at argsort(perm) costs a sort and a gather)."""
+    return _sort_pairs(perm, dest.astype(jnp.int32), perm.shape[0], n_rows + 1)[1]
 
 
 def _rows_are_sorted(layout: Layout) -> bool:
@@ -126,7 +140,7 @@ def _plan(perm, dest, counts, layout, n_rows, T, K):
     empty = row_asg == N
     return Plan(
         layout=layout,
-        slot=_inverse_slots(perm, dest).reshape(K, T),
+        slot=_inverse_slots(perm, dest, n_rows).reshape(K, T),
         row_token=jnp.where(empty, T, row_asg % T).astype(jnp.int32),
         row_k=jnp.where(empty, K, row_asg // T).astype(jnp.int32),
     )

@@ -362,6 +362,19 @@ def test_dropless_einsum_overflow_loop_matches_reference():
         assert_trees_close(got, want, tol, f"{activation} {dtype.__name__} ")
 
 
+@pytest.mark.parametrize("n_keys,n_values", [(5, 40), (1, 1), (2 ** 22, 40), (2 ** 20, 2 ** 13)])
+def test_sort_pairs_orders_by_key_then_value(n_keys, n_values):
+    """`dispatch._sort_pairs` (one packed uint32 key where key * 2^b + value fits in 32 bits, a two-operand
+    stable sort where it does not: the last two cases) gives the (key, value) order of np.lexsort."""
+    rng = np.random.default_rng(n_keys)
+    key = rng.integers(0, min(n_keys, 6), 300).astype(np.int32) * (n_keys // min(n_keys, 6))
+    value = rng.integers(0, n_values, 300).astype(np.int32)
+    order = np.lexsort((value, key))
+    got = jax.jit(dispatch._sort_pairs, static_argnums=(2, 3))(jnp.asarray(key), jnp.asarray(value), n_keys, n_values)
+    np.testing.assert_array_equal(got[0], key[order])
+    np.testing.assert_array_equal(got[1], value[order])
+
+
 def test_capacity_plan_first_come_by_hand():
     # k=0 in token order: t0->e0 r0, t1->e0 r1, t2->e1 r0, t3->e0 DROP, t4->e2 r0
     # k=1 in token order: t0->e1 r1, t1->e2 r1, t2->e0 DROP, t3->e1 DROP, t4 masked

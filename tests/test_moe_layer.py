@@ -362,13 +362,16 @@ def test_dropless_einsum_overflow_loop_matches_reference():
         assert_trees_close(got, want, tol, f"{activation} {dtype.__name__} ")
 
 
-@pytest.mark.parametrize("n_keys,n_values", [(5, 40), (1, 1), (2 ** 22, 40), (2 ** 20, 2 ** 13)])
+@pytest.mark.parametrize("n_keys,n_values", [(5, 40), (1, 1), (2 ** 26, 64), (2 ** 26 + 1, 64), (2 ** 20, 2 ** 13)])
 def test_sort_pairs_orders_by_key_then_value(n_keys, n_values):
-    """`dispatch._sort_pairs` (one packed uint32 key where key * 2^b + value fits in 32 bits, a two-operand
-    stable sort where it does not: the last two cases) gives the (key, value) order of np.lexsort."""
+    """`dispatch._sort_pairs` gives the (key, value) order of np.lexsort, with the largest key and value present:
+    packed into one uint32 where key * 2^b + value fits in 32 bits (the first three cases; the third fills all 32),
+    a two-operand sort where it does not (the last two)."""
     rng = np.random.default_rng(n_keys)
-    key = rng.integers(0, min(n_keys, 6), 300).astype(np.int32) * (n_keys // min(n_keys, 6))
-    value = rng.integers(0, n_values, 300).astype(np.int32)
+    key = rng.integers(0, min(n_keys, 6), 300).astype(np.int64) * (n_keys // min(n_keys, 6))
+    value = rng.integers(0, n_values, 300)
+    key[:2], value[:2] = n_keys - 1, (n_values - 1, 0)
+    key, value = key.astype(np.int32), value.astype(np.int32)
     order = np.lexsort((value, key))
     got = jax.jit(dispatch._sort_pairs, static_argnums=(2, 3))(jnp.asarray(key), jnp.asarray(value), n_keys, n_values)
     np.testing.assert_array_equal(got[0], key[order])

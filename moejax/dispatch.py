@@ -33,8 +33,6 @@ import math
 import jax
 import jax.numpy as jnp
 
-from moejax import sharding
-
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -367,25 +365,11 @@ def _combine_bwd(res, g):
     else:
         flat = jnp.concatenate([w_kt, jnp.zeros((1,), jnp.float32)])
         row_w = flat[jnp.where(plan.row_token < T, plan.row_k * T + plan.row_token, T * K)]  # [M]
-    if _gate_grad_by_rows():
-        g_rows = _take_rows(g, plan.row_token).astype(jnp.float32)  # [M, d]: g of each row's token, 0 if empty
-        dy = (g_rows * row_w[:, None]).astype(y.dtype)
-        row_dw = jnp.sum(y.astype(jnp.float32) * g_rows, -1)  # [M]: y[r] . g[token of r]
-        return dy, _take(row_dw, plan.slot.T).astype(weights.dtype), None  # [T, K]; dropped (slot M): 0
     dy = _take_rows(g, plan.row_token, row_w).astype(y.dtype)
     y3, g32 = _lane_rows(y), _lane_rows(g).astype(jnp.float32)  # [M | T, d / 128, 128]
     dw = jnp.stack([jnp.sum((_take(y3, plan.slot[k]).astype(jnp.float32) * g32).reshape(T, -1), -1)
                     for k in range(K)], 1)  # summed as [T, d]: the same order as x . g
     return dy, dw.astype(weights.dtype), None
-
-
-def _gate_grad_by_rows() -> bool:
-    """Whether combine's backward takes the gate gradient per buffer row (CPU: dw[t, k] = (y[r] . g[t]) at
-    r = slot[k, t], from the g rows it gathers for dy anyway: 62 against 69 ms for dispatch + combine forward +
-    backward at the moe_layer benchmark's shape a) or by K gathers of y (elsewhere: by the v5p cost model the
-    per-row form costs 3.0 against 1.35 ms at the DeepSeekMoE-16B shape, for its [M, d] float32 product and
-    relayouts)."""
-    return sharding.platform() == "cpu"
 
 
 combine.defvjp(_combine_fwd, _combine_bwd)

@@ -423,12 +423,9 @@ def test_dispatch_combine_hand_case():
 
 @pytest.mark.parametrize("d", [256, 40])  # rows gathered in the [N, d/128, 128] lane-row form; [N, 1, d]
 @pytest.mark.parametrize("plan_kind", ["dropless1", "dropless2", "capacity_prio"])
-@pytest.mark.parametrize("gate_grad_by_rows", [True, False])  # CPU's form of combine's gate gradient; TPU's and GPU's
-def test_dispatch_combine_values_and_gradients_equal_plain_indexing(d, plan_kind, gate_grad_by_rows, monkeypatch):
+def test_dispatch_combine_values_and_gradients_equal_plain_indexing(d, plan_kind):
     """dispatch and combine (gathers from the lane-row form, sort-built dropless plans, custom VJPs) equal plain
-    indexing and its autodiff, values and gradients, with masked and dropped picks; combine's gate gradient
-    both per buffer row and by K gathers."""
-    monkeypatch.setattr(dispatch, "_gate_grad_by_rows", lambda: gate_grad_by_rows)
+    indexing and its autodiff, values and gradients, with masked and dropped picks."""
     T, K, E = 24, 3, 5
     rng = np.random.default_rng(d)
     ids = jnp.asarray(rng.integers(0, E, (T, K)), jnp.int32)

@@ -88,8 +88,8 @@ def default_backend(per_expert: bool, platform: str | None = None) -> str:
     for dropless, 'pallas' on TPU (XLA:TPU's ragged_dot weight gradient compiles to 13.5x the useful
     FLOPs, the Pallas tgmm to ~1.16x), 'einsum' on CPU (the capacity part of a dropless buffer by batched
     einsum and the overflow by `overflow_ffn`: 0.68x and 0.74x the time of 'blocked', which computes
-    every block of the worst-case padded buffer, at the moe_layer benchmark's shapes a and b) and 'blocked' on GPU (the Triton
-    kernels have not been timed on a GPU yet); experiments/benchmarks/README.md."""
+    every block of the worst-case padded buffer, at the moe_layer benchmark's shapes a and b) and 'blocked'
+    on GPU (the Triton kernels have not been timed on a GPU yet); experiments/benchmarks/README.md."""
     if per_expert:
         return "einsum"
     platform = platform or jax.default_backend()

@@ -1,9 +1,11 @@
 """Mosaic (TPU) grouped-matmul kernels: gmm and tgmm over scalar-prefetched group metadata.
 
 gmm grid (tiles_n, V, tiles_k): visit v multiplies row tile tile[v] by the weights of group[v], summing
-over k tiles in a float32 VMEM accumulator, and writes only its group's rows of the output tile. The
-visits of one tile are consecutive, so the output block stays in VMEM between them and is written back
-to HBM once. tgmm grid (tiles_k, tiles_n, V): the visits of one group are consecutive, so its [tk, tn]
+over k tiles in a float32 VMEM accumulator, and writes only its group's rows of the output tile. A visit
+at a group boundary multiplies only the halves of the tile (`sub_rows`) that hold its group's rows, so a
+boundary costs the MXU half a tile more instead of a whole one (MegaBlocks' whole-tile scheme: (G - 1) tm
+extra rows, 16% at the DeepSeekMoE-16B shape; now 8%). The visits of one tile are consecutive, so the output
+block stays in VMEM between them and is written back to HBM once. tgmm grid (tiles_k, tiles_n, V): the visits of one group are consecutive, so its [tk, tn]
 gradient block accumulates over the group's row tiles and is written once.
 Fusions for the SwiGLU FFN (`activation.Fuse`; pallas_kernels.swiglu_ffn): gmm and tgmm can take the pair
 (gate, up) as lhs and multiply silu(gate) * up, computed in VMEM; gmm can add a `base` [m, n] to its product,
@@ -23,6 +25,12 @@ from pallas_kernels.activation import NO_FUSE, Fuse, swiglu, swiglu_grad
 from pallas_kernels.metadata import COMPUTE, FIRST, GroupMetadata, cdiv, out_struct
 
 
+def sub_rows(tm: int) -> int:
+    """Rows of the sub-tiles a gmm visit at a group boundary multiplies: half the row tile (64 of the default
+    128) when that is a multiple of the 16-row bfloat16 memory tile, else the whole tile."""
+    return tm // 2 if tm % 32 == 0 else tm
+
+
 def _rows_in_group(offsets, g, tile, tm):
     rows = tile * tm + jax.lax.broadcasted_iota(jnp.int32, (tm, 1), 0)  # [tm, 1]
     return (rows >= offsets[g]) & (rows < offsets[g + 1])
@@ -34,9 +42,10 @@ def _mask_k(x, axis, kk, tk, k):
     return jnp.where(idx < k, x, jnp.zeros_like(x))
 
 
-def _gmm_kernel(offsets, tiles, groups, flags, *refs, tm, tk, k, transpose_rhs, fuse: Fuse):
+def _gmm_kernel(offsets, tiles, groups, flags, *refs, tm, ts, tk, k, transpose_rhs, fuse: Fuse):
     """refs: lhs (one, or gate and up under fuse.swiglu_in), rhs, fuse.n_extra [tm, tn] inputs (base, or gate
-    and up), fuse.n_out outputs, the float32 accumulator."""
+    and up), fuse.n_out outputs, the float32 accumulator. A visit whose row tile lies inside its group
+    multiplies the whole tile; one at a group boundary only its sub-tiles of ts rows that hold group rows."""
     lhs_refs, rhs_ref = refs[:fuse.n_lhs], refs[fuse.n_lhs]
     extra = refs[fuse.n_lhs + 1:fuse.n_lhs + 1 + fuse.n_extra]
     out_refs, acc_ref = refs[fuse.n_lhs + 1 + fuse.n_extra:-1], refs[-1]
@@ -49,12 +58,23 @@ def _gmm_kernel(offsets, tiles, groups, flags, *refs, tm, tk, k, transpose_rhs, 
 
     def accumulate(mask: bool):
         dtype = lhs_refs[0].dtype
-        x = swiglu(lhs_refs[0][...], lhs_refs[1][...]).astype(dtype) if fuse.swiglu_in else lhs_refs[0][...]
-        w = rhs_ref[...].astype(dtype)  # [tm, tk]; [tn, tk] or [tk, tn] (f32 rhs: cast here)
-        if mask:
-            x, w = _mask_k(x, 1, kk, tk, k), _mask_k(w, 1 if transpose_rhs else 0, kk, tk, k)
         dims = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
-        acc_ref[...] += jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+
+        def rows(r):  # acc[r] += lhs[r] @ rhs for the rows r (a pl.ds) of the tile
+            x = swiglu(lhs_refs[0][r], lhs_refs[1][r]).astype(dtype) if fuse.swiglu_in else lhs_refs[0][r]
+            w = rhs_ref[...].astype(dtype)  # [tn, tk] or [tk, tn] (f32 rhs: cast here)
+            if mask:
+                x, w = _mask_k(x, 1, kk, tk, k), _mask_k(w, 1 if transpose_rhs else 0, kk, tk, k)
+            acc_ref[r] += jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+
+        if ts == tm:
+            return rows(pl.ds(0, tm))
+        lo = offsets[groups[v]] - tiles[v] * tm  # the group's rows [lo, hi) relative to the tile
+        hi = offsets[groups[v] + 1] - tiles[v] * tm
+        whole = (lo <= 0) & (hi >= tm)
+        pl.when(whole)(lambda: rows(pl.ds(0, tm)))
+        for s in range(tm // ts):  # a tile at a group boundary: only the sub-tiles holding the group's rows
+            pl.when(~whole & (lo < (s + 1) * ts) & (hi > s * ts))(lambda s=s: rows(pl.ds(s * ts, ts)))
 
     compute = (flag & COMPUTE) != 0
     if k % tk:  # only the last k tile is partial: mask it there, not on every k step
@@ -97,10 +117,12 @@ def gmm_specs(tiling, transpose_rhs: bool, fuse: Fuse = NO_FUSE):
 
 def gmm_cost(m, k, n, n_local, tiling, in_item, out_item, rhs_item=None, fuse: Fuse = NO_FUSE) -> pl.CostEstimate:
     """What gmm's tiling makes the chip do when every one of its V = tiles_m + G_local - 1 visits computes
-    (each group boundary inside a tile: the worst case its static grid allows, and the usual one). Blocks
-    move whole, and only when their index changes from the previous grid step (the Pallas TPU pipeline):
-    - MXU: every visit multiplies a whole [tm, tk] x [tk, tn] block per (j, kk): 2 V tm kp np FLOPs
-      (kp, np: k and n rounded up to tiles), not 2 m k n;
+    (each group boundary inside a row tile: the worst case its static grid allows, and the usual one), each
+    boundary inside a sub-tile. Blocks move whole, and only when their index changes from the previous grid
+    step (the Pallas TPU pipeline):
+    - MXU: per (j, kk), each row tile's tm rows once, plus one sub-tile of ts = sub_rows(tm) rows per group
+      boundary (a boundary visit multiplies only the sub-tiles holding its group's rows):
+      2 (tiles_m tm + (G_local - 1) ts) kp np FLOPs (kp, np: k and n rounded up to tiles), not 2 m k n;
     - lhs (each of fuse.n_lhs): with tiles_k = 1, a row tile is fetched once per j (its visits are
       consecutive); with tiles_k > 1 at every grid step;
     - rhs: with tiles_k = 1, a group's block once per j (its visits are consecutive); else at every step;
@@ -112,12 +134,13 @@ def gmm_cost(m, k, n, n_local, tiling, in_item, out_item, rhs_item=None, fuse: F
     tm, tk, tn = tiling
     tiles_m, tiles_k, tiles_n = cdiv(m, tm), cdiv(k, tk), cdiv(n, tn)
     V = tiles_m + n_local - 1
+    rows = tiles_m * tm + (n_local - 1) * sub_rows(tm)  # rows multiplied per (j, kk)
     lhs = tiles_n * (tiles_m if tiles_k == 1 else V * tiles_k) * tm * tk
     rhs = tiles_n * (n_local if tiles_k == 1 else V * tiles_k) * tk * tn
     out = tiles_n * tiles_m * tm * tn
-    exps = ((V * tiles_n * tiles_k * tm * tk if fuse.swiglu_in else 0)
+    exps = ((tiles_n * tiles_k * rows * tk if fuse.swiglu_in else 0)
             + (V * tm * tiles_n * tn if fuse.swiglu_grad else 0))
-    return pl.CostEstimate(flops=2 * V * tm * tiles_k * tk * tiles_n * tn, transcendentals=exps,
+    return pl.CostEstimate(flops=2 * rows * tiles_k * tk * tiles_n * tn, transcendentals=exps,
                            bytes_accessed=in_item * (fuse.n_lhs * lhs + fuse.n_extra * out)
                            + (rhs_item or in_item) * rhs + fuse.n_out * out_item * out)
 
@@ -131,7 +154,7 @@ def gmm(lhs, rhs, meta: GroupMetadata, tiling, *, transpose_rhs: bool, out_dtype
     tm, tk, tn = tiling
     grid = (cdiv(n, tn), meta.n_visits, cdiv(k, tk))
     in_specs, out_specs = gmm_specs(tiling, transpose_rhs, fuse)
-    kernel = functools.partial(_gmm_kernel, tm=tm, tk=tk, k=k, transpose_rhs=transpose_rhs, fuse=fuse)
+    kernel = functools.partial(_gmm_kernel, tm=tm, ts=sub_rows(tm), tk=tk, k=k, transpose_rhs=transpose_rhs, fuse=fuse)
     out_shape = [out_struct((m, n), out_dtype, lhs[0])] * fuse.n_out
     call = pl.pallas_call(
         kernel,

@@ -35,8 +35,9 @@ that ahead-of-time compilation for a TPU topology from a CPU host picks the TPU 
 
 Tiles (tm, tk, tn) default to `default_tiling(platform, m, k, n, dtype, op)`, per operation (op 'gmm' or
 'tgmm', the backward kernels included):
-- TPU: tm = min(m, 128) (a row tile holding a group boundary is multiplied once per group: (G - 1) tm
-  extra rows, 16% at the DeepSeekMoE-16B shape, 66% with tm 512); tk = k, the whole contraction, when the
+- TPU: tm = min(m, 128) (a row tile holding a group boundary is visited once per group; gmm multiplies the
+  halves of it that hold the group's rows, (G - 1) tm / 2 extra rows, 8% at the DeepSeekMoE-16B shape;
+  tgmm, whose rows are the contraction, the whole tile, (G - 1) tm, 16%; 66% with tm 512); tk = k, the whole contraction, when the
   blocks fit DEFAULT_VMEM (32 MiB), so that a group's weight block is fetched once per n tile and no k tile
   is partial (else tk = 2048, 1024, ... and only the last k tile is masked); then the widest n tiles of
   equal size (multiples of 128) that fit. Blocks are double-buffered in VMEM: 2 (tm tk + tk tn) input
@@ -75,7 +76,7 @@ DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 PLATFORMS = ("tpu", "gpu", "interpret")
 VMEM_BUDGET = 48 * 2**20  # bytes of VMEM a kernel may ask for (v7x has 64 MiB per core; older chips more)
 DEFAULT_VMEM = 32 * 2**20  # what the default tiles may take of it
-TPU_TM = 128  # default row tile: a boundary tile is multiplied once per group it holds, (G - 1) tm extra rows
+TPU_TM = 128  # default row tile: a boundary tile is visited once per group it holds (see the docstring)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,8 +26,8 @@ from pallas_kernels.metadata import COMPUTE, FIRST, GroupMetadata, cdiv, out_str
 
 
 def sub_rows(tm: int) -> int:
-    """Rows of the sub-tiles a gmm visit at a group boundary multiplies: half the row tile (64 of the default
-    128) when that is a multiple of the 16-row bfloat16 memory tile, else the whole tile."""
+    """Rows of the part of a row tile a gmm visit at a group boundary multiplies: half the tile (64 of the
+    default 128) when that is a multiple of the 16-row bfloat16 memory tile, else the whole tile."""
     return tm // 2 if tm % 32 == 0 else tm
 
 
@@ -44,8 +44,9 @@ def _mask_k(x, axis, kk, tk, k):
 
 def _gmm_kernel(offsets, tiles, groups, flags, *refs, tm, ts, tk, k, transpose_rhs, fuse: Fuse):
     """refs: lhs (one, or gate and up under fuse.swiglu_in), rhs, fuse.n_extra [tm, tn] inputs (base, or gate
-    and up), fuse.n_out outputs, the float32 accumulator. A visit whose row tile lies inside its group
-    multiplies the whole tile; one at a group boundary only its sub-tiles of ts rows that hold group rows."""
+    and up), fuse.n_out outputs, the float32 accumulator. A visit multiplies the halves of its row tile (ts =
+    tm / 2 rows each, or the whole tile when ts = tm) that hold rows of its group: both unless the visit is at
+    a group boundary."""
     lhs_refs, rhs_ref = refs[:fuse.n_lhs], refs[fuse.n_lhs]
     extra = refs[fuse.n_lhs + 1:fuse.n_lhs + 1 + fuse.n_extra]
     out_refs, acc_ref = refs[fuse.n_lhs + 1 + fuse.n_extra:-1], refs[-1]
@@ -71,10 +72,10 @@ def _gmm_kernel(offsets, tiles, groups, flags, *refs, tm, ts, tk, k, transpose_r
             return rows(pl.ds(0, tm))
         lo = offsets[groups[v]] - tiles[v] * tm  # the group's rows [lo, hi) relative to the tile
         hi = offsets[groups[v] + 1] - tiles[v] * tm
-        whole = (lo <= 0) & (hi >= tm)
-        pl.when(whole)(lambda: rows(pl.ds(0, tm)))
-        for s in range(tm // ts):  # a tile at a group boundary: only the sub-tiles holding the group's rows
-            pl.when(~whole & (lo < (s + 1) * ts) & (hi > s * ts))(lambda s=s: rows(pl.ds(s * ts, ts)))
+        top, bottom = lo < ts, hi > ts  # the halves holding rows of the group (at least one does)
+        pl.when(top & bottom)(lambda: rows(pl.ds(0, tm)))
+        pl.when(top & ~bottom)(lambda: rows(pl.ds(0, ts)))
+        pl.when(bottom & ~top)(lambda: rows(pl.ds(ts, ts)))
 
     compute = (flag & COMPUTE) != 0
     if k % tk:  # only the last k tile is partial: mask it there, not on every k step

@@ -338,8 +338,8 @@ def walk(in_specs, out_specs, grid, meta, v_axis, in_items, out_items, sub=None)
     """(bytes moved, MXU FLOPs) of a kernel's grid, counted from its own BlockSpecs: step by step in grid
     order, an operand's block is fetched (an output's written back) whenever its index differs from the
     previous step's (Pallas TPU pipelining), and each step whose visit has COMPUTE multiplies whole blocks,
-    or with `sub` (gmm's sub-tile rows) only the sub-tiles of its row tile that hold rows of its group when
-    the tile is not inside the group (the rule of gmm_tpu._gmm_kernel)."""
+    or with `sub` (gmm's half-tile rows, gmm_tpu.sub_rows) only the halves of its row tile that hold rows of
+    its group (the rule of gmm_tpu._gmm_kernel)."""
     import itertools
     prefetch = tuple(np.asarray(a) for a in (meta.offsets, meta.tile, meta.group, meta.flags))
     offsets, tiles, groups, flags = prefetch
@@ -357,10 +357,9 @@ def walk(in_specs, out_specs, grid, meta, v_axis, in_items, out_items, sub=None)
         if flags[v] & metadata.COMPUTE:
             tm, tk = in_specs[0].block_shape
             rows = tm
-            if sub is not None:
+            if sub is not None and sub < tm:
                 lo, hi = offsets[groups[v]] - tiles[v] * tm, offsets[groups[v] + 1] - tiles[v] * tm
-                if not (lo <= 0 and hi >= tm):
-                    rows = sub * sum(lo < (s + 1) * sub and hi > s * sub for s in range(tm // sub))
+                rows = sub * sum(lo < (s + 1) * sub and hi > s * sub for s in range(tm // sub))
             flops += 2 * rows * tk * int([b for b in out_specs[0].block_shape if b is not None][-1])
     return moved, flops
 

@@ -74,8 +74,7 @@ def _gmm_kernel(offsets, tiles, groups, flags, *refs, tm, ts, tk, k, transpose_r
         hi = offsets[groups[v] + 1] - tiles[v] * tm
         top, bottom = lo < ts, hi > ts  # the halves holding rows of the group (at least one does)
         pl.when(top & bottom)(lambda: rows(pl.ds(0, tm)))
-        pl.when(top & ~bottom)(lambda: rows(pl.ds(0, ts)))
-        pl.when(bottom & ~top)(lambda: rows(pl.ds(ts, ts)))
+        pl.when(top != bottom)(lambda: rows(pl.ds(pl.multiple_of(jnp.where(top, 0, ts), ts), ts)))
 
     compute = (flag & COMPUTE) != 0
     if k % tk:  # only the last k tile is partial: mask it there, not on every k step

@@ -4,9 +4,10 @@ gmm grid (tiles_n, V, tiles_k): visit v multiplies row tile tile[v] by the weigh
 over k tiles in a float32 VMEM accumulator, and writes only its group's rows of the output tile. A visit
 at a group boundary multiplies only the halves of the tile (`sub_rows`) that hold its group's rows, so a
 boundary costs the MXU half a tile more instead of a whole one (MegaBlocks' whole-tile scheme: (G - 1) tm
-extra rows, 16% at the DeepSeekMoE-16B shape; now 8%). The visits of one tile are consecutive, so the output
-block stays in VMEM between them and is written back to HBM once. tgmm grid (tiles_k, tiles_n, V): the visits of one group are consecutive, so its [tk, tn]
-gradient block accumulates over the group's row tiles and is written once.
+extra rows, 16% at the DeepSeekMoE-16B shape; now 8%). The visits of one tile are consecutive, so the
+output block stays in VMEM between them and is written back to HBM once. tgmm grid (tiles_k, tiles_n, V):
+the visits of one group are consecutive, so its [tk, tn] gradient block accumulates over the group's row
+tiles and is written once.
 Fusions for the SwiGLU FFN (`activation.Fuse`; pallas_kernels.swiglu_ffn): gmm and tgmm can take the pair
 (gate, up) as lhs and multiply silu(gate) * up, computed in VMEM; gmm can add a `base` [m, n] to its product,
 or return (d gate, d up) of the activation from its product dh and the (gate, up) blocks of its rows.
@@ -45,8 +46,7 @@ def _mask_k(x, axis, kk, tk, k):
 def _gmm_kernel(offsets, tiles, groups, flags, *refs, tm, ts, tk, k, transpose_rhs, fuse: Fuse):
     """refs: lhs (one, or gate and up under fuse.swiglu_in), rhs, fuse.n_extra [tm, tn] inputs (base, or gate
     and up), fuse.n_out outputs, the float32 accumulator. A visit multiplies the halves of its row tile (ts =
-    tm / 2 rows each, or the whole tile when ts = tm) that hold rows of its group: both unless the visit is at
-    a group boundary."""
+    tm / 2 rows each; the whole tile when ts = tm) that hold rows of its group, both as one matmul."""
     lhs_refs, rhs_ref = refs[:fuse.n_lhs], refs[fuse.n_lhs]
     extra = refs[fuse.n_lhs + 1:fuse.n_lhs + 1 + fuse.n_extra]
     out_refs, acc_ref = refs[fuse.n_lhs + 1 + fuse.n_extra:-1], refs[-1]
@@ -117,11 +117,11 @@ def gmm_specs(tiling, transpose_rhs: bool, fuse: Fuse = NO_FUSE):
 
 def gmm_cost(m, k, n, n_local, tiling, in_item, out_item, rhs_item=None, fuse: Fuse = NO_FUSE) -> pl.CostEstimate:
     """What gmm's tiling makes the chip do when every one of its V = tiles_m + G_local - 1 visits computes
-    (each group boundary inside a row tile: the worst case its static grid allows, and the usual one), each
-    boundary inside a sub-tile. Blocks move whole, and only when their index changes from the previous grid
-    step (the Pallas TPU pipeline):
-    - MXU: per (j, kk), each row tile's tm rows once, plus one sub-tile of ts = sub_rows(tm) rows per group
-      boundary (a boundary visit multiplies only the sub-tiles holding its group's rows):
+    (each group boundary inside a row tile: the worst case its static grid allows, and the usual one; and
+    inside a half of it). Blocks move whole, and only when their index changes from the previous grid step
+    (the Pallas TPU pipeline):
+    - MXU: per (j, kk), each row tile's tm rows once, plus half a tile (ts = sub_rows(tm) rows) per group
+      boundary (a boundary visit multiplies only the halves holding its group's rows):
       2 (tiles_m tm + (G_local - 1) ts) kp np FLOPs (kp, np: k and n rounded up to tiles), not 2 m k n;
     - lhs (each of fuse.n_lhs): with tiles_k = 1, a row tile is fetched once per j (its visits are
       consecutive); with tiles_k > 1 at every grid step;
@@ -154,7 +154,8 @@ def gmm(lhs, rhs, meta: GroupMetadata, tiling, *, transpose_rhs: bool, out_dtype
     tm, tk, tn = tiling
     grid = (cdiv(n, tn), meta.n_visits, cdiv(k, tk))
     in_specs, out_specs = gmm_specs(tiling, transpose_rhs, fuse)
-    kernel = functools.partial(_gmm_kernel, tm=tm, ts=sub_rows(tm), tk=tk, k=k, transpose_rhs=transpose_rhs, fuse=fuse)
+    kernel = functools.partial(_gmm_kernel, tm=tm, ts=sub_rows(tm), tk=tk, k=k, transpose_rhs=transpose_rhs,
+                               fuse=fuse)
     out_shape = [out_struct((m, n), out_dtype, lhs[0])] * fuse.n_out
     call = pl.pallas_call(
         kernel,

@@ -37,10 +37,10 @@ Tiles (tm, tk, tn) default to `default_tiling(platform, m, k, n, dtype, op)`, pe
 'tgmm', the backward kernels included):
 - TPU: tm = min(m, 128) (a row tile holding a group boundary is visited once per group; gmm multiplies the
   halves of it that hold the group's rows, (G - 1) tm / 2 extra rows, 8% at the DeepSeekMoE-16B shape;
-  tgmm, whose rows are the contraction, the whole tile, (G - 1) tm, 16%; 66% with tm 512); tk = k, the whole contraction, when the
-  blocks fit DEFAULT_VMEM (32 MiB), so that a group's weight block is fetched once per n tile and no k tile
-  is partial (else tk = 2048, 1024, ... and only the last k tile is masked); then the widest n tiles of
-  equal size (multiples of 128) that fit. Blocks are double-buffered in VMEM: 2 (tm tk + tk tn) input
+  tgmm, whose rows are the contraction, the whole tile, (G - 1) tm, 16%; 66% with tm 512); tk = k, the
+  whole contraction, when the blocks fit DEFAULT_VMEM (32 MiB), so that a group's weight block is fetched
+  once per n tile and no k tile is partial (else tk = 2048, 1024, ... and only the last k tile is masked);
+  then the widest n tiles of equal size (multiples of 128) that fit. Blocks are double-buffered in VMEM: 2 (tm tk + tk tn) input
   bytes + 2 output blocks + a float32 accumulator ([tm, tn] gmm, [tk, tn] tgmm). Examples (bfloat16):
 
   | shape (m, k, n)                          | op   | tiles (tm, tk, tn) |

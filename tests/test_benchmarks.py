@@ -3,6 +3,7 @@ Speed itself is measured by the benchmark, never asserted here."""
 import json
 import math
 
+import numpy as np
 import pytest
 
 from experiments.benchmarks import moe_layer
@@ -45,6 +46,19 @@ def test_train_throughput_quick(tmp_path):
         assert r["scale"] == "tiny" and len(r["times_ms"]) == 1 and r["tokens_per_s"] > 0
         assert math.isfinite(r["ratio_vs_dense"]) and math.isfinite(r["ratio_vs_equal_active"])
         assert math.isfinite(r["loss_last"]) and r["temp_mib"] > 0 and r["flops_per_token"] > 0
+
+
+def test_train_throughput_stdlib_batches(tmp_path):
+    """--data stdlib: the Table-1 runs' first batches (packed byte tokens of the stdlib corpus), one per step."""
+    from experiments.benchmarks import train_throughput
+
+    s = train_throughput.scales()["tiny"]
+    b = train_throughput.stdlib_batches(s, 2, tfds_data_dir=str(tmp_path))
+    assert len(b) == 2 and set(b[0]) == {"inputs", "targets", "segment_ids", "positions", "weights"}
+    assert all(v.shape == (s.batch, s.seq_len) for batch in b for v in batch.values())
+    assert not np.array_equal(b[0]["inputs"], b[1]["inputs"])
+    assert 0 <= int(b[0]["inputs"].min()) and int(b[0]["inputs"].max()) < train_throughput.VOCAB
+    np.testing.assert_array_equal(b[0]["targets"][:, :-1], b[0]["inputs"][:, 1:])  # next-token targets
 
 
 def test_expert_parallel_quick(tmp_path):

@@ -2,16 +2,21 @@
 
 Run:  python3 -m experiments.benchmarks.train_throughput [--json FILE] [--quick] [--repeats N]
                                                          [--scales tiny,small] [--methods dense,gshard,...]
+                                                         [--data synthetic|stdlib]
 
 What is timed: one call of the jitted `moejax.train.Trainer.train_step` (forward + backward, AdamW with
 clipping, aux-free bias update where configured: none of the Table-1 methods uses it) on a global batch
 of the config's shape, float32, as the executable `Trainer.train_step.lower(...).compile()` (the same
 program the training loop runs; the state is donated and carried from call to call). Data loading is
-excluded: batches are synthetic byte tokens (uniform in [0, 256), vocabulary 384 as the byte tokenizer),
-one document per row, every target weighted, the same batch every step (the model memorises it; the
-JSON's loss_last only shows the run stayed finite). Every method dispatches dropless
+excluded. Batches (--data):
+  synthetic (default)  random byte tokens (uniform in [0, 256), vocabulary 384 as the byte tokenizer), one
+                       document per row, every target weighted, the same batch every step (the model
+                       memorises it, and its routing drifts off balance as it does);
+  stdlib               the Table-1 tiny/small runs' own training batches (moejax.data: the stdlib corpus,
+                       byte tokens, packed documents), read before timing; step i of every row takes batch i.
+The JSON's loss_last only shows the run stayed finite. Every method dispatches dropless
 (configs/deepseekmoe_table1.py); on CPU the default expert backend, dropless 'einsum', loops over the
-assignments past ceil(T K / E) rows of their expert, so step time depends a little on the routing.
+assignments past ceil(T K / E) rows of their expert, so step time depends on the routing.
 
 Rows per scale (configs/deepseekmoe_table1.py SCALES; every FFN replaced, no dense first layer):
   dense        the standard FFN of width d_ff                  active FFN 1x
@@ -58,6 +63,7 @@ from experiments.benchmarks import common
 from configs import deepseekmoe_table1 as table1
 from experiments.deepseekmoe import report
 from moejax import config as config_lib
+from moejax import data as data_lib
 from moejax import experts
 from moejax import metrics
 from moejax import model as model_lib
@@ -117,6 +123,17 @@ def rows_for(methods) -> list[str]:
     return [r for m in ROWS if m in methods for r in [m] + sorted(v for v in variants if v.startswith(m + "@"))]
 
 
+DATA = ("synthetic", "stdlib")
+
+
+def stdlib_batches(s: Scale, n: int, tfds_data_dir: str = "") -> list[dict]:
+    """The first n training batches of the Table-1 tiny/small runs' data at scale s (stdlib, byte tokens;
+    the corpus is built in tfds_data_dir on first use, '' = the tfds default, as training does)."""
+    cfg = data_lib.DataConfig(source="stdlib", seq_len=s.seq_len, batch_size=s.batch, tfds_data_dir=tfds_data_dir)
+    it = data_lib.train_iterator(cfg, data_lib.get_tokenizer(cfg))
+    return [{k: jnp.asarray(v) for k, v in next(it).items()} for _ in range(n)]
+
+
 def synthetic_batch(s: Scale, seed: int = 0) -> dict:
     """A [B, S] batch of random byte tokens: one document per row, every target weighted."""
     tok = np.random.default_rng(seed).integers(0, 256, (s.batch, s.seq_len + 1))
@@ -141,8 +158,8 @@ def _once(compiled, state, batch, step: int):
 class _Row:
     """One method at one scale: its compiled step, its (donated, carried) state and its timings."""
 
-    def __init__(self, method: str, s: Scale, batch: dict, log):
-        self.method, self.scale, self.batch = method, s, batch
+    def __init__(self, method: str, s: Scale, batches: list[dict], log):
+        self.method, self.scale, self.batches = method, s, batches  # step i takes batches[i]
         self.config = model_config(method, s)
         t = config_lib.TrainConfig(steps=s.steps, warmup_steps=s.warmup, lr=s.lr)
         self.trainer = train.Trainer(self.config, t, seed=0)
@@ -156,7 +173,7 @@ class _Row:
         log(f"  {method:12s} compiled in {self.compile_s:.1f} s, warm-up step {time.perf_counter() - t0:.2f} s")
 
     def run(self, record: bool = True) -> None:
-        self.state, self.loss, wall, cpu = _once(self.compiled, self.state, self.batch, self.step)
+        self.state, self.loss, wall, cpu = _once(self.compiled, self.state, self.batches[self.step], self.step)
         self.step += 1
         if record:
             self.wall.append(wall)
@@ -192,11 +209,11 @@ def _median_ratio(base: _Row, row: _Row) -> float:
     return statistics.median(b / r for b, r in zip(base.wall, row.wall))
 
 
-def run_scale(s: Scale, methods, repeats: int, log=print) -> list[dict]:
+def run_scale(s: Scale, methods, repeats: int, log=print, data: str = "synthetic") -> list[dict]:
     """Rows of one scale: every row compiled and warmed up, then `repeats` rounds of one step per row."""
-    log(f"scale {s}")
-    batch = synthetic_batch(s)
-    rows = [_Row(m, s, batch, log) for m in rows_for(methods)]
+    log(f"scale {s}, data {data}")
+    batches = stdlib_batches(s, 1 + repeats) if data == "stdlib" else [synthetic_batch(s)] * (1 + repeats)
+    rows = [_Row(m, s, batches, log) for m in rows_for(methods)]
     t0 = time.perf_counter()
     for r in range(repeats):
         for i in range(len(rows)):
@@ -208,7 +225,7 @@ def run_scale(s: Scale, methods, repeats: int, log=print) -> list[dict]:
     for row in rows:
         res = row.result()
         base = by_ffn.get(row.ffn_active())
-        res.update(ffn_active_x=row.ffn_active() / by_name["dense"].ffn_active(),
+        res.update(data=data, ffn_active_x=row.ffn_active() / by_name["dense"].ffn_active(),
                    ratio_vs_dense=_median_ratio(by_name["dense"], row),
                    equal_active_baseline=base.method if base else None,
                    ratio_vs_equal_active=_median_ratio(base, row) if base else float("nan"))
@@ -224,13 +241,14 @@ def run_scale(s: Scale, methods, repeats: int, log=print) -> list[dict]:
     return out
 
 
-def run(quick: bool, repeats: int | None = None, scale_names=None, methods=ROWS, log=print) -> list[dict]:
+def run(quick: bool, repeats: int | None = None, scale_names=None, methods=ROWS, log=print,
+        data: str = "synthetic") -> list[dict]:
     all_scales = scales()
     names = scale_names or (("tiny",) if quick else ("tiny", "small"))
     out = []
     for name in names:
         n = repeats or (QUICK_REPEATS if quick else DEFAULT_REPEATS[name])
-        out.extend(run_scale(all_scales[name], methods, n, log))
+        out.extend(run_scale(all_scales[name], methods, n, log, data))
     return out
 
 
@@ -280,6 +298,8 @@ def main(argv=None) -> None:
     p.add_argument("--scales", default=None, help="comma-separated scales (default tiny,small; tiny with --quick)")
     p.add_argument("--methods", default=",".join(ROWS),
                    help="comma-separated rows; dense (and dense2x for gshard/deepseekmoe) are always added")
+    p.add_argument("--data", choices=DATA, default="synthetic",
+                   help="synthetic: one batch of random bytes; stdlib: the Table-1 runs' batches")
     p.add_argument("--table", metavar="FILE", help="print the table of a saved JSON and exit (runs nothing)")
     args = p.parse_args(argv)
     if args.table:
@@ -294,7 +314,7 @@ def main(argv=None) -> None:
     rows_for(methods)  # validate before compiling anything
     print(common.machine_line(), flush=True)
     t0 = time.perf_counter()
-    rows = run(args.quick, args.repeats, names, methods, log=lambda s: print(s, flush=True))
+    rows = run(args.quick, args.repeats, names, methods, log=lambda s: print(s, flush=True), data=args.data)
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
     print(f"\n{time.perf_counter() - t0:.0f} s; load average at the end {load}\n")
     print(table(rows))

@@ -37,6 +37,7 @@ import jax  # noqa: E402
 from moejax import aot  # noqa: E402
 from pallas_kernels import flash  # noqa: E402
 from pallas_kernels import flash_tpu  # noqa: E402
+from pallas_kernels import gmm_tpu  # noqa: E402
 from pallas_kernels import grouped_matmul  # noqa: E402
 from moejax import config as config_lib  # noqa: E402
 from moejax import dispatch  # noqa: E402
@@ -115,8 +116,10 @@ def compiled_flops(trainer: train.Trainer, batch: int, seq_len: int, backend: st
     attention (model.attention_kernel 'xla'); the flash kernels ('auto' on TPU) count what their blocks
     multiply (`flash_attention_flops`); routed experts per MoE layer 2 mats d f per buffer row in the forward
     pass, the same for the input gradient and (blocked) for the weight gradient, which 'ragged_dot' computes
-    for each of its G local expert groups. Rematerialisation adds a forward pass (x 4/3 for the rest, + 2 per
-    row for the experts, + the flash forward)."""
+    for each of its G local expert groups; 'pallas' multiplies a row tile once per group it holds, whole in the
+    weight gradient (tgmm) and by the halves holding the group's rows in the other passes (gmm).
+    Rematerialisation adds a forward pass (x 4/3 for the rest, + 2 per row for the experts, + the flash
+    forward)."""
     m, t = trainer.model_config, trainer.train
     mesh = trainer.mesh
     D = sharding.axis_size("expert", mesh)
@@ -141,11 +144,13 @@ def compiled_flops(trainer: train.Trainer, batch: int, seq_len: int, backend: st
             block = 1 if backend in ("ragged_dot", "pallas") else dispatch.auto_block(D * T * K, E)
             rows = -(-(D * T * K + E // D * (block - 1)) // block) * block
         groups = E // D if backend == "ragged_dot" else 1
-        if backend == "pallas":  # whole [tm, .] blocks: a row tile is multiplied once per group it holds
-            tm = min(rows, grouped_matmul.TPU_TM)
-            rows = (-(-rows // tm) + E // D - 1) * tm
-        passes = 2 + 2 + 2 * groups + (2 if m.remat else 0)
-        moe_rows += passes * rows * mats * m.d_model * c.expert_width
+        gmm_rows = tgmm_rows = rows
+        if backend == "pallas":  # a row tile is visited once per group it holds: tgmm multiplies it whole,
+            tm = min(rows, grouped_matmul.TPU_TM)  # gmm the halves holding the group's rows
+            gmm_rows = -(-rows // tm) * tm + (E // D - 1) * gmm_tpu.sub_rows(tm)
+            tgmm_rows = (-(-rows // tm) + E // D - 1) * tm
+        passes = (2 + 2 + (2 if m.remat else 0)) * gmm_rows + 2 * groups * tgmm_rows
+        moe_rows += passes * mats * m.d_model * c.expert_width
     total += 6 * m.d_model * m.vocab_size * T
     return (total * (4 / 3 if m.remat else 1.0) + moe_rows) * t.grad_accum
 

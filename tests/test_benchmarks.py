@@ -46,6 +46,9 @@ def test_train_throughput_quick(tmp_path):
         assert r["scale"] == "tiny" and len(r["times_ms"]) == 1 and r["tokens_per_s"] > 0
         assert math.isfinite(r["ratio_vs_dense"]) and math.isfinite(r["ratio_vs_equal_active"])
         assert math.isfinite(r["loss_last"]) and r["temp_mib"] > 0 and r["flops_per_token"] > 0
+    assert rows["dense"]["max_vio"] == [] and len(rows["gshard"]["max_vio"]) == 1  # timed steps x routed layers
+    assert len(rows["gshard"]["max_vio"][0]) == rows["gshard"]["n_layers"]
+    assert all(0 <= v <= rows["gshard"]["n_experts"] - 1 for v in rows["gshard"]["max_vio"][0])
 
 
 def test_train_throughput_stdlib_batches(tmp_path):

@@ -14,7 +14,9 @@ excluded. Batches (--data):
                        memorises it, and its routing drifts off balance as it does);
   stdlib               the Table-1 tiny/small runs' own training batches (moejax.data: the stdlib corpus,
                        byte tokens, packed documents), read before timing; step i of every row takes batch i.
-The JSON's loss_last only shows the run stayed finite. Every method dispatches dropless
+The JSON's loss_last only shows the run stayed finite; max_vio holds each timed step's per-batch MaxVio of every
+routed layer (the train step's own metric, balance.max_violation: max load / mean load - 1), as the routing
+decides how much of a dropless 'einsum' step runs in its overflow loop. Every method dispatches dropless
 (configs/deepseekmoe_table1.py); on CPU the default expert backend, dropless 'einsum', loops over the
 assignments past ceil(T K / E) rows of their expert, so step time depends on the routing.
 
@@ -148,11 +150,11 @@ def n_params(tree) -> int:
 
 
 def _once(compiled, state, batch, step: int):
-    """(new state, loss, wall ms, process CPU ms: user + sys over all threads) of one train step."""
+    """(new state, the step's metrics, wall ms, process CPU ms: user + sys over all threads) of one train step."""
     c0, t0 = time.process_time(), time.perf_counter()
     state, out = compiled(state, batch, jnp.asarray(step, jnp.int32))
     jax.block_until_ready((state, out))
-    return state, out["loss"], (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
+    return state, out, (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
 
 
 class _Row:
@@ -167,17 +169,20 @@ class _Row:
         t0 = time.perf_counter()
         self.compiled = self.trainer.lower_train_step(s.batch, s.seq_len).compile()
         self.compile_s = time.perf_counter() - t0
-        self.step, self.wall, self.cpu = 0, [], []
+        self.step, self.wall, self.cpu, self.max_vio = 0, [], [], []
         t0 = time.perf_counter()
         self.run(record=False)  # warm-up
         log(f"  {method:12s} compiled in {self.compile_s:.1f} s, warm-up step {time.perf_counter() - t0:.2f} s")
 
     def run(self, record: bool = True) -> None:
-        self.state, self.loss, wall, cpu = _once(self.compiled, self.state, self.batches[self.step], self.step)
+        self.state, out, wall, cpu = _once(self.compiled, self.state, self.batches[self.step], self.step)
+        self.loss = out["loss"]
         self.step += 1
         if record:
             self.wall.append(wall)
             self.cpu.append(cpu)
+            if "max_vio" in out:  # per routed layer, the step's own batch (outside the timing)
+                self.max_vio.append([round(float(v), 4) for v in out["max_vio"]])
 
     def ffn_active(self) -> float:
         return metrics.active_params(self.config)["ffn"]
@@ -200,7 +205,7 @@ class _Row:
             model_gflops_per_s=tokens / ms * 1e3 * flops / 1e9, compile_s=self.compile_s,
             temp_mib=ma.temp_size_in_bytes / MiB if ma is not None else float("nan"),
             args_mib=ma.argument_size_in_bytes / MiB if ma is not None else float("nan"),
-            loss_last=float(self.loss), runs=f"compile + 1 warm-up + {len(self.wall)} timed, round-robin",
+            loss_last=float(self.loss), max_vio=self.max_vio, runs=f"compile + 1 warm-up + {len(self.wall)} timed, round-robin",
         )
 
 

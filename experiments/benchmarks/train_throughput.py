@@ -205,7 +205,8 @@ class _Row:
             model_gflops_per_s=tokens / ms * 1e3 * flops / 1e9, compile_s=self.compile_s,
             temp_mib=ma.temp_size_in_bytes / MiB if ma is not None else float("nan"),
             args_mib=ma.argument_size_in_bytes / MiB if ma is not None else float("nan"),
-            loss_last=float(self.loss), max_vio=self.max_vio, runs=f"compile + 1 warm-up + {len(self.wall)} timed, round-robin",
+            loss_last=float(self.loss), max_vio=self.max_vio,
+            runs=f"compile + 1 warm-up + {len(self.wall)} timed, round-robin",
         )
 
 

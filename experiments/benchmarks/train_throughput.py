@@ -182,7 +182,7 @@ class _Row:
             self.wall.append(wall)
             self.cpu.append(cpu)
             if "max_vio" in out:  # per routed layer, the step's own batch (outside the timing)
-                self.max_vio.append([round(float(v), 4) for v in out["max_vio"]])
+                self.max_vio.append([round(v, 4) for v in np.asarray(out["max_vio"], np.float64).tolist()])
 
     def ffn_active(self) -> float:
         return metrics.active_params(self.config)["ffn"]
